@@ -1,0 +1,6 @@
+import click
+
+
+@click.group()
+def cli():
+    """lowbit: quantized low-memory LLM inference."""

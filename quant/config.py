@@ -1,0 +1,87 @@
+"""QuantConfig: what a lowbit checkpoint's weights and KV cache are quantized to.
+
+Serialised to JSON in lowbit.json (and repeated in the safetensors metadata); settings are never
+parsed from file or module names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+WEIGHT_BITS = (16, 8, 4)
+KV_BITS = (16, 8, 4)
+METHODS = ("rtn", "search", "gptq")
+# Embeddings are a gather, not a matmul: quantizing them saves memory but no decode bandwidth
+# beyond one row per token, so they stay 16-bit unless the user asks otherwise.
+DEFAULT_KEEP_16BIT = ("model.embed_tokens",)
+
+
+class QuantConfigError(ValueError):
+    """A quantization setting that lowbit cannot honour; the message says which and why."""
+
+
+def check_group_size(group_size: int) -> None:
+    if group_size < 16 or group_size > 1024 or group_size & (group_size - 1):
+        raise QuantConfigError(
+            f"group size {group_size} is not a power of two from 16 to 1024")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Weight bits (16/8/4), group size along the input dimension (None = one group per output
+    channel, int8 only), symmetry, method, module patterns kept 16-bit, and KV-cache bits."""
+
+    weight_bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+    method: str = "rtn"
+    keep_16bit: tuple[str, ...] = DEFAULT_KEEP_16BIT
+    kv_bits: int = 16
+    calibration: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if self.weight_bits not in WEIGHT_BITS:
+            raise QuantConfigError(f"weight bits must be one of {WEIGHT_BITS}, not {self.weight_bits}")
+        if self.kv_bits not in KV_BITS:
+            raise QuantConfigError(f"KV bits must be one of {KV_BITS}, not {self.kv_bits}")
+        if self.method not in METHODS:
+            raise QuantConfigError(f"method must be one of {METHODS}, not {self.method!r}")
+        if self.group_size is None:
+            if self.weight_bits == 4:
+                raise QuantConfigError("int4 needs a group size (32, 64 or 128 are usual)")
+        else:
+            check_group_size(self.group_size)
+        if self.weight_bits == 8 and not self.symmetric:
+            object.__setattr__(self, "symmetric", True)  # int8 is symmetric by definition here
+        object.__setattr__(self, "keep_16bit", tuple(self.keep_16bit))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["keep_16bit"] = list(self.keep_16bit)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise QuantConfigError(f"unknown quantization settings: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def keeps_16bit(self, module_name: str) -> bool:
+        """True if `module_name` matches a keep-16-bit pattern: a prefix or an fnmatch glob."""
+        import fnmatch
+        return any(module_name == p or module_name.startswith(p + ".")
+                   or fnmatch.fnmatchcase(module_name, p) for p in self.keep_16bit)
+
+    @property
+    def name(self) -> str:
+        if self.weight_bits == 16:
+            return "16"
+        g = "pc" if self.group_size is None else f"g{self.group_size}"
+        s = "sym" if self.symmetric or self.weight_bits == 8 else "asym"
+        return f"int{self.weight_bits}-{g}" + ("" if self.weight_bits == 8 else f"-{s}")
