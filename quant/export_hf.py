@@ -18,6 +18,12 @@ from safetensors.torch import save_file
 from .sources import ModelSource, ModelSourceError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_hf_files(source: ModelSource, out: Path, extra_files: dict[str, bytes] | None = None) -> int:
     """Write the HF files of `source` into the existing, empty directory `out`; returns the bytes
     of weights written.
@@ -36,6 +42,8 @@ def write_hf_files(source: ModelSource, out: Path, extra_files: dict[str, bytes]
     (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     for name, data in {**source.tokenizer_files(), **(extra_files or {})}.items():
         (out / name).write_bytes(data)
+    # safetensors creates its file 0600; make it as readable as any file the user writes
+    (out / "model.safetensors").chmod(0o666 & ~_umask())
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
@@ -64,6 +72,7 @@ def export_hf(source: ModelSource, out: str | Path, force: bool = False,
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the export is an ordinary directory
     except OSError as e:
         raise ModelSourceError(f"{out}: cannot create ({e.strerror})") from None
     try:
