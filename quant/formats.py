@@ -72,6 +72,12 @@ class _WeightFormat:
         return 8 * self.nbytes / (self.out_features * self.in_features)
 
     @property
+    def repacked(self) -> dict:
+        """Backend-owned copies of these tensors in a kernel's layout, built once and reused;
+        keyed by the backend. Never saved; dropped with this object (so `to()` starts empty)."""
+        return self.__dict__.setdefault("_repacked", {})
+
+    @property
     def device(self) -> torch.device:
         return self.qweight.device
 

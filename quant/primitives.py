@@ -44,11 +44,14 @@ def _symmetric_scale(absmax: Tensor, bits: int) -> Tensor:
 
 
 def _grouped(w: Tensor, group_size: int) -> Tensor:
-    """(N, K) fp32 -> (N, G, gs), zero-padding the ragged last group. Padding with zeros leaves
+    """(N, K) -> (N, G, gs) fp32, zero-padding the ragged last group. Padding with zeros leaves
     absmax unchanged and, since min <= 0 <= max is enforced, leaves min/max unchanged too."""
     n, k = w.shape
     pad = num_groups(k, group_size) * group_size - k
-    return F.pad(w.float(), (0, pad)).reshape(n, -1, group_size)  # (N, G, gs)
+    w = w.float()
+    if pad:
+        w = F.pad(w, (0, pad))
+    return w.reshape(n, -1, group_size)  # (N, G, gs)
 
 
 def _check(w: Tensor, bits: int, group_size: int) -> None:
@@ -104,20 +107,15 @@ def quantize_affine(w: Tensor, bits: int, group_size: int, symmetric: bool,
     return q, scale, zero
 
 
-def expand_groups(t: Tensor, group_size: int, in_features: int) -> Tensor:
-    """(N, G) per-group values -> (N, K) per-column values (column k takes group k // gs)."""
-    return t.repeat_interleave(group_size, dim=1)[:, :in_features]
-
-
 def dequantize_affine(q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int,
                       dtype: torch.dtype | None = None) -> Tensor:
     """w[n, k] = (q[n, k] - z[n, k // gs]) * s[n, k // gs], computed in fp32 and returned in
     `dtype` (default: the scale's dtype). q is (N, K); scale and zero are (N, G)."""
-    k = q.shape[1]
-    w = q.float()
+    n, k = q.shape
+    g = _grouped(q, group_size)  # (N, G, gs) fp32
     if zero is not None:
-        w = w - expand_groups(zero.float(), group_size, k)
-    w = w * expand_groups(scale.float(), group_size, k)
+        g = g - zero.float().unsqueeze(-1)
+    w = (g * scale.float().unsqueeze(-1)).reshape(n, -1)[:, :k]  # (N, K)
     return w.to(dtype or scale.dtype)
 
 

@@ -1,1 +1,11 @@
-"""lowbit.engine.kernels"""
+"""lowbit.engine.kernels: the op registry and its backends.
+
+Importing this package registers the torch reference and the CPU packed backend; call
+`dispatch(op, ...)` to run an op on the best backend for its arguments.
+"""
+from . import cpu_packed, reference  # noqa: F401  (import registers the backends)
+from .registry import (BackendUnavailable, backends, chosen, dispatch, force_backend, register,
+                       use_backend)
+
+__all__ = ["BackendUnavailable", "backends", "chosen", "dispatch", "force_backend", "register",
+           "use_backend"]

