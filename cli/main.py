@@ -1,6 +1,20 @@
+"""The `lowbit` command group; each command lives in its own module."""
 import click
 
+from lowbit.cli.errors import LowbitGroup
+from lowbit.cli.export_hf import export_hf
+from lowbit.cli.generate import generate
+from lowbit.cli.info import info
 
-@click.group()
-def cli():
+
+@click.group(cls=LowbitGroup)
+@click.option("-v", "--verbose", is_flag=True, help="log kernel choices and progress details")
+def cli(verbose):
     """lowbit: quantized low-memory LLM inference."""
+    import logging
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(name)s: %(message)s")
+
+
+for command in (generate, info, export_hf):
+    cli.add_command(command)

@@ -75,6 +75,19 @@ class Tokenizer:
         return cls(tok, _read_json(path / "tokenizer_config.json"),
                    _read_json(path / "generation_config.json"))
 
+    @classmethod
+    def from_files(cls, files: dict[str, bytes]) -> "Tokenizer":
+        """From a source's tokenizer_files() (a GGUF's rebuilt files need no directory)."""
+        if "tokenizer.json" not in files:
+            raise TokenizerError("the model has no tokenizer.json")
+        try:
+            tok = HFTokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise TokenizerError(f"tokenizer.json: cannot load ({e})") from None
+        configs = [json.loads(files[n]) if n in files else {}
+                   for n in ("tokenizer_config.json", "generation_config.json")]
+        return cls(tok, *configs)
+
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
 

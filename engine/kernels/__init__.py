@@ -3,7 +3,7 @@
 Importing this package registers the torch reference and the CPU packed backend; call
 `dispatch(op, ...)` to run an op on the best backend for its arguments.
 """
-from . import cpu_packed, reference  # noqa: F401  (import registers the backends)
+from . import attention_reference, cpu_packed, reference  # noqa: F401  (import registers the backends)
 from .registry import (BackendUnavailable, backends, chosen, dispatch, force_backend, register,
                        use_backend)
 

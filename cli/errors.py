@@ -1,0 +1,42 @@
+"""User errors → one line on stderr and exit status 1, never a traceback."""
+from __future__ import annotations
+
+import click
+import torch
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Every exception lowbit raises for bad input or an impossible request."""
+    from lowbit.engine.generate import ContextTooLongError, EmptyPromptError
+    from lowbit.engine.kernels.registry import BackendUnavailable
+    from lowbit.engine.kv_cache import KVCacheError
+    from lowbit.engine.load import LoadError
+    from lowbit.engine.sampling import SamplingError
+    from lowbit.quant.architecture import UnsupportedModelError
+    from lowbit.quant.config import QuantConfigError
+    from lowbit.quant.formats import FormatError
+    from lowbit.quant.sources import ModelSourceError
+    types = [ContextTooLongError, EmptyPromptError, BackendUnavailable, KVCacheError, LoadError,
+             SamplingError, UnsupportedModelError, QuantConfigError, FormatError, ModelSourceError]
+    try:
+        from lowbit.quant.checkpoint import CheckpointError
+        types.append(CheckpointError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+class LowbitGroup(click.Group):
+    """A click group whose commands report user errors and out-of-memory as one clear line."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except torch.OutOfMemoryError:
+            raise click.ClickException(
+                "out of GPU memory: try int4 weights (--weights int4), a smaller KV cache "
+                "(--kv 8 or 4), fewer new tokens, or --device cpu") from None
+        except user_error_types() as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            raise click.Abort() from None

@@ -1,0 +1,137 @@
+"""Prefill the prompt, then decode one token at a time, yielding tokens as they are made and
+recording per-phase statistics."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from lowbit.engine import timing
+from lowbit.engine.kv_cache import create_cache
+from lowbit.engine.sampling import Sampler, SamplingConfig
+
+
+class ContextTooLongError(ValueError):
+    """Prompt plus requested tokens do not fit the model's context."""
+
+
+class EmptyPromptError(ValueError):
+    """Nothing to condition on."""
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0  # prompt in → first new token out (prefill + first sampling)
+    decode_s: float = 0.0  # the decode steps after the first token
+    peak_mem_bytes: int = 0
+    weight_bytes: int = 0
+    kv_bits: int = 16
+    kv_bytes_per_token: int = 0
+    kv_bytes_allocated: int = 0
+    stop_reason: str = ""
+    device: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = self.new_tokens - 1  # the first new token comes from prefill
+        return steps / self.decode_s if self.decode_s and steps > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["prefill_tok_s"] = self.prefill_tok_s
+        d["decode_tok_s"] = self.decode_tok_s
+        return d
+
+
+def check_fits(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
+    if prompt_tokens == 0:
+        raise EmptyPromptError("the prompt is empty: give at least one token of text")
+    if prompt_tokens + max_new_tokens > context:
+        raise ContextTooLongError(
+            f"prompt ({prompt_tokens} tokens) + max new tokens ({max_new_tokens}) = "
+            f"{prompt_tokens + max_new_tokens} exceeds the model's context of {context} tokens")
+
+
+def model_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and persistent buffer, each shared tensor once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+class Generation:
+    """Iterate to get new token ids as they are made; `stats` is complete once iteration ends.
+
+    Stops at an EOS id, after max_new_tokens, or when `should_stop(ids)` (e.g. a stop string)
+    says so.
+    """
+
+    def __init__(self, model, prompt_ids: list[int], *, max_new_tokens: int,
+                 sampling: SamplingConfig = SamplingConfig(), eos_ids=(), kv_bits: int = 16,
+                 should_stop=None):
+        cfg = model.config
+        check_fits(len(prompt_ids), max_new_tokens, cfg.max_position_embeddings)
+        self.model, self.prompt_ids = model, list(prompt_ids)
+        self.max_new_tokens, self.eos_ids = max_new_tokens, set(eos_ids)
+        self.should_stop = should_stop
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.sampler = Sampler(sampling, self.device)
+        self.use_history = sampling.repetition_penalty != 1.0
+        self.cache = create_cache(kv_bits, cfg, 1, len(prompt_ids) + max_new_tokens,
+                                  self.dtype, self.device)
+        self.stats = GenerationStats(
+            prompt_tokens=len(prompt_ids), device=str(self.device),
+            weight_bytes=model_weight_bytes(model), kv_bits=kv_bits,
+            kv_bytes_per_token=self.cache.bytes_per_token, kv_bytes_allocated=self.cache.nbytes)
+        self.new_ids: list[int] = []
+
+    @torch.inference_mode()
+    def __iter__(self):
+        dev, st = self.device, self.stats
+        timing.reset_peak_memory(dev)
+        ids = torch.tensor([self.prompt_ids], device=dev)  # (1, P)
+        history = ids if self.use_history else None
+        p = ids.shape[1]
+        t0 = timing.now(dev)
+        logits = self.model(ids, torch.arange(p, device=dev), self.cache, kv_len=p, last_only=True)
+        st.prefill_s = timing.now(dev) - t0
+        token = self.sampler(logits[:, -1], history)  # (1,)
+        tok = int(token.item())
+        st.ttft_s = timing.now(dev) - t0
+        pos = p
+        while True:
+            self.new_ids.append(tok)
+            st.new_tokens += 1
+            yield tok
+            if tok in self.eos_ids:
+                st.stop_reason = "eos"
+                break
+            if self.should_stop is not None and self.should_stop(self.new_ids):
+                st.stop_reason = "stop string"
+                break
+            if st.new_tokens >= self.max_new_tokens:
+                st.stop_reason = "max new tokens"
+                break
+            if history is not None:
+                history = torch.cat([history, token[:, None]], dim=1)
+            # only the step itself is timed: what the consumer does with a token (printing) is not
+            t_step = timing.now(dev)
+            logits = self.model(token[:, None], torch.tensor([pos], device=dev), self.cache,
+                                kv_len=pos + 1)
+            token = self.sampler(logits[:, -1], history)
+            tok = int(token.item())
+            st.decode_s += timing.now(dev) - t_step
+            pos += 1
+        st.peak_mem_bytes = timing.peak_memory_bytes(dev)
