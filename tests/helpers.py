@@ -114,3 +114,83 @@ def write_tiny_llama(dir: Path, *, model_type: str = "llama", vocab: int = TINY_
     (dir / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 0, "eos_token_id": [2, 0]}, indent=2))
     return dir
+
+
+_GGUF_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_GGUF_GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm",
+                      "lm_head": "output"}
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """llama.cpp's name for an HF Llama tensor name (written independently of lowbit's mapping)."""
+    base, _, kind = hf_name.rpartition(".")
+    if base.startswith("model.layers."):
+        _, _, layer, part = base.split(".", 3)
+        return f"blk.{layer}.{_GGUF_LAYER_NAMES[part]}.{kind}"
+    return f"{_GGUF_GLOBAL_NAMES[base]}.{kind}"
+
+
+def llama_cpp_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's converter's q/k row permutation (HF rotate_half order → interleaved pairs)."""
+    out_f = w.shape[0]
+    return (w.reshape(n_heads, 2, out_f // n_heads // 2, *w.shape[1:])  # (H, 2, D/2, in)
+            .transpose(1, 2).reshape(w.shape))
+
+
+def write_tiny_gguf(path: Path, hf_dir: Path, *, arch: str = "llama", qtype: str = "Q8_0",
+                    tokenizer_model: str = "gpt2", pre: str = "gpt2") -> Path:
+    """Write the tiny HF model in `hf_dir` (from write_tiny_llama) as a GGUF at `path`, the way
+    llama.cpp's converter does: permuted q/k rows, 2-D weights in `qtype` (F32/F16/Q8_0/Q4_0/
+    Q4_1; rows must be multiples of 32 for block types), norms F32, the tokenizer in metadata."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    path, hf_dir = Path(path), Path(hf_dir)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    tok = json.loads((hf_dir / "tokenizer.json").read_text())
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    writer.add_rope_freq_base(cfg["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    specials = {t["content"] for t in tok["added_tokens"] if t["special"]}
+    writer.add_tokenizer_model(tokenizer_model)
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list([t for t, _ in vocab])
+    writer.add_token_types([3 if t in specials else 1 for t, _ in vocab])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m
+                             for m in tok["model"]["merges"]])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    quant = gguf.GGMLQuantizationType[qtype]
+    for name, t in tensors.items():
+        t = t.float()
+        if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
+            t = llama_cpp_permute(t, cfg["num_attention_heads"])
+        elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
+            t = llama_cpp_permute(t, cfg["num_key_value_heads"])
+        data = t.numpy()
+        if t.ndim == 2 and quant not in (gguf.GGMLQuantizationType.F32,):
+            data = gguf.quants.quantize(data, quant)
+            writer.add_tensor(gguf_tensor_name(name), data, raw_dtype=quant)
+        else:
+            writer.add_tensor(gguf_tensor_name(name), data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
