@@ -50,6 +50,9 @@ def can_run(x: Tensor, weight, bias: Tensor | None = None) -> str | None:
     if isinstance(weight, Int8Weight):
         if weight.group_size is not None and weight.group_size < weight.in_features:
             return f"int8 needs per-channel scales, layer has groups of {weight.group_size}"
+        if x.dtype == torch.bfloat16 and weight.in_features % 16:
+            # torch 2.13's bf16 path reads 16 columns at a time: K=200 segfaults or returns NaN
+            return f"bf16 int8 kernel needs K divisible by 16, got {weight.in_features}"
         return None
     if isinstance(weight, Int4Weight):
         if weight.group_size not in INT4_GROUP_SIZES:
