@@ -148,7 +148,6 @@ def write_tiny_gguf(path: Path, hf_dir: Path, *, arch: str = "llama", qtype: str
     llama.cpp's converter does: permuted q/k rows, 2-D weights in `qtype` (F32/F16/Q8_0/Q4_0/
     Q4_1; rows must be multiples of 32 for block types), norms F32, the tokenizer in metadata."""
     import gguf
-    import numpy as np
     from safetensors.torch import load_file
 
     path, hf_dir = Path(path), Path(hf_dir)

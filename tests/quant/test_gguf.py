@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 
@@ -190,7 +191,6 @@ def test_default_gguf_tokenizer_matches_transformers(tmp_path):
     path = _default_gguf_dir(tmp_path)
     theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
     mine = Tokenizer.from_str(open_source(path).tokenizer_files()["tokenizer.json"].decode())
-    import importlib.util
     gensim_dir = os.path.dirname(importlib.util.find_spec("gensim").origin)
     with open(os.path.join(gensim_dir, "test", "test_data", "lee_background.cor"),
               encoding="utf-8") as f:
