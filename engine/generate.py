@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from lowbit.engine import timing
+from lowbit.engine.cuda_graph import GraphedDecodeStep
 from lowbit.engine.kv_cache import create_cache
 from lowbit.engine.sampling import Sampler, SamplingConfig
 
@@ -74,12 +75,13 @@ class Generation:
     """Iterate to get new token ids as they are made; `stats` is complete once iteration ends.
 
     Stops at an EOS id, after max_new_tokens, or when `should_stop(ids)` (e.g. a stop string)
-    says so.
+    says so. On CUDA, decode steps read the whole static cache under a mask, captured as a CUDA
+    graph unless cuda_graph=False; the same ops run either way, so greedy output is identical.
     """
 
     def __init__(self, model, prompt_ids: list[int], *, max_new_tokens: int,
                  sampling: SamplingConfig = SamplingConfig(), eos_ids=(), kv_bits: int = 16,
-                 should_stop=None):
+                 should_stop=None, cuda_graph: bool | None = None):
         cfg = model.config
         check_fits(len(prompt_ids), max_new_tokens, cfg.max_position_embeddings)
         self.model, self.prompt_ids = model, list(prompt_ids)
@@ -96,6 +98,22 @@ class Generation:
             weight_bytes=model_weight_bytes(model), kv_bits=kv_bits,
             kv_bytes_per_token=self.cache.bytes_per_token, kv_bytes_allocated=self.cache.nbytes)
         self.new_ids: list[int] = []
+        on_cuda = self.device.type == "cuda"
+        self.static_decode = on_cuda
+        self.graphed = None
+        if on_cuda and cuda_graph is not False:
+            with torch.inference_mode():
+                self.graphed = GraphedDecodeStep(model, self.cache, self.device)
+
+    def _decode_step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """Logits (1, V) for `token` at position `pos`."""
+        if self.graphed is not None:
+            return self.graphed(token, pos)
+        if self.static_decode:
+            positions = torch.full((1,), pos, dtype=torch.long, device=self.device)
+            return self.model(token[:, None], positions, self.cache, kv_len=None)[:, -1]
+        positions = torch.tensor([pos], device=self.device)
+        return self.model(token[:, None], positions, self.cache, kv_len=pos + 1)[:, -1]
 
     @torch.inference_mode()
     def __iter__(self):
@@ -128,9 +146,7 @@ class Generation:
                 history = torch.cat([history, token[:, None]], dim=1)
             # only the step itself is timed: what the consumer does with a token (printing) is not
             t_step = timing.now(dev)
-            logits = self.model(token[:, None], torch.tensor([pos], device=dev), self.cache,
-                                kv_len=pos + 1)
-            token = self.sampler(logits[:, -1], history)
+            token = self.sampler(self._decode_step(token, pos), history)
             tok = int(token.item())
             st.decode_s += timing.now(dev) - t_step
             pos += 1
