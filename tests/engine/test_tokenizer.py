@@ -110,11 +110,14 @@ def test_no_chat_template(tiny_dir):
 
 
 @pytest.mark.slow
-def test_default_model_tokenizer_streams_and_renders_smollm2_chat(tmp_path, monkeypatch):
+def test_default_model_tokenizer_streams_and_renders_smollm2_chat(tmp_path):
+    from lowbit.quant.default_model import default_gguf_path
     from lowbit.quant.sources import open_source
 
-    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
-    tok = Tokenizer.from_dir(open_source(None).path)
+    # the tokenizer files alone, without building the 16-bit weight cache
+    for name, data in open_source(default_gguf_path()).tokenizer_files().items():
+        (tmp_path / name).write_bytes(data)
+    tok = Tokenizer.from_dir(tmp_path)
     assert tok.bos_id == 1 and tok.eos_ids == {2} and not tok.add_bos
     ids = tok.encode(TEXT)
     stream = StreamDecoder(tok)
