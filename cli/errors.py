@@ -4,26 +4,23 @@ from __future__ import annotations
 import click
 import torch
 
+from lowbit.engine.generate import ContextTooLongError, EmptyPromptError
+from lowbit.engine.kernels.registry import BackendUnavailable
+from lowbit.engine.kv_cache import KVCacheError
+from lowbit.engine.load import LoadError
+from lowbit.engine.sampling import SamplingError
+from lowbit.engine.tokenizer import TokenizerError
+from lowbit.quant.architecture import UnsupportedModelError
+from lowbit.quant.checkpoint import CheckpointError
+from lowbit.quant.config import QuantConfigError
+from lowbit.quant.formats import FormatError
+from lowbit.quant.sources import ModelSourceError
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Every exception lowbit raises for bad input or an impossible request."""
-    from lowbit.engine.generate import ContextTooLongError, EmptyPromptError
-    from lowbit.engine.kernels.registry import BackendUnavailable
-    from lowbit.engine.kv_cache import KVCacheError
-    from lowbit.engine.load import LoadError
-    from lowbit.engine.sampling import SamplingError
-    from lowbit.quant.architecture import UnsupportedModelError
-    from lowbit.quant.config import QuantConfigError
-    from lowbit.quant.formats import FormatError
-    from lowbit.quant.sources import ModelSourceError
-    types = [ContextTooLongError, EmptyPromptError, BackendUnavailable, KVCacheError, LoadError,
-             SamplingError, UnsupportedModelError, QuantConfigError, FormatError, ModelSourceError]
-    try:
-        from lowbit.quant.checkpoint import CheckpointError
-        types.append(CheckpointError)
-    except ImportError:
-        pass
-    return tuple(types)
+# Every exception lowbit raises for bad input or an impossible request.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ContextTooLongError, EmptyPromptError, BackendUnavailable, KVCacheError, LoadError,
+    SamplingError, TokenizerError, UnsupportedModelError, CheckpointError, QuantConfigError,
+    FormatError, ModelSourceError)
 
 
 class LowbitGroup(click.Group):
@@ -36,7 +33,7 @@ class LowbitGroup(click.Group):
             raise click.ClickException(
                 "out of GPU memory: try int4 weights (--weights int4), a smaller KV cache "
                 "(--kv 8 or 4), fewer new tokens, or --device cpu") from None
-        except user_error_types() as e:
+        except USER_ERRORS as e:
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
             raise click.Abort() from None
