@@ -1,0 +1,172 @@
+"""`lowbit compare`: what each weight/KV quantization costs in accuracy and buys in bytes and
+speed, against the 16-bit model on the same text. Table on stdout, progress on stderr."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import click
+
+from lowbit.cli.options import device_options
+from lowbit.cli.report import human_bytes
+
+WEIGHT_SPEC = re.compile(r"int(?P<bits>\d+)(?:-g(?P<group>\d+))?(?P<sym>-sym)?")
+WEIGHT_EXAMPLES = "16, int8, int8-g128, int4, int4-g64, int4-g32, int4-g128-sym"
+KV_CHOICES = (16, 8, 4)
+DEFAULT_INT4_GROUP = 128
+
+
+def split_list(values: tuple[str, ...]) -> list[str]:
+    """Repeated options of comma lists → items in order, blanks and repeats dropped."""
+    items = [item.strip() for value in values for item in value.split(",")]
+    return list(dict.fromkeys(item for item in items if item))
+
+
+def parse_weights(spec: str, group_size: int | None):
+    """"16" → None; "int{bits}[-g{N}][-sym]" → QuantConfig. `group_size` (from --group-size)
+    applies where the spec names no group: int8 is otherwise per channel, int4 group 128."""
+    from lowbit.quant.config import QuantConfig, QuantConfigError
+
+    if spec == "16":
+        return None
+    m = WEIGHT_SPEC.fullmatch(spec)
+    if m is None or int(m["bits"]) not in (4, 8):
+        raise click.ClickException(f"--weights: unknown spec {spec!r}; use {WEIGHT_EXAMPLES}")
+    bits = int(m["bits"])
+    group = int(m["group"]) if m["group"] else group_size
+    if group is None and bits == 4:
+        group = DEFAULT_INT4_GROUP
+    try:
+        return QuantConfig(weight_bits=bits, group_size=group, symmetric=bool(m["sym"]))
+    except QuantConfigError as e:
+        raise click.ClickException(f"--weights {spec}: {e}") from None
+
+
+def parse_kv(spec: str) -> int:
+    if spec not in {str(b) for b in KV_CHOICES}:
+        raise click.ClickException(f"--kv: unknown KV-cache bits {spec!r}; use 16, 8 or 4")
+    return int(spec)
+
+
+def parse_variants(weights: tuple[str, ...], kv: tuple[str, ...], group_size: int | None):
+    """Every (weights, KV) pair of the two lists, except the 16/16 reference."""
+    from lowbit.engine.compare import REFERENCE, Variant
+
+    quants = [parse_weights(s, group_size) for s in split_list(weights)]
+    kv_bits = [parse_kv(s) for s in split_list(kv)]
+    if not quants or not kv_bits:
+        raise click.ClickException("--weights and --kv each need at least one value")
+    variants = list(dict.fromkeys(Variant(q, b) for q in quants for b in kv_bits))
+    variants = [v for v in variants if v != REFERENCE]
+    if not variants:
+        raise click.ClickException("nothing to compare: every variant is the 16-bit reference; "
+                                   "add e.g. --weights 16,int8,int4 or --kv 16,8,4")
+    return variants
+
+
+def _fmt(x, spec: str) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def format_table(comparison) -> str:
+    """One aligned table, the reference row first."""
+    headers = ["variant", "ppl", "Δppl %", "KL", "top-1 %", "bits/w", "weights", "KV/token",
+               "prefill tok/s", "decode tok/s", "peak mem"]
+    lines = []
+    for row in [comparison.reference, *comparison.variants]:
+        name = row.variant.name + (" (reference)" if row is comparison.reference else "")
+        lines.append([name, _fmt(row.ppl, ".3f"), _fmt(row.ppl_delta_pct, "+.2f"),
+                      _fmt(row.kl_mean, ".5f"), _fmt(row.top1_agreement, ".2f"),
+                      _fmt(row.bits_per_weight, ".2f"), human_bytes(row.weight_bytes),
+                      human_bytes(row.kv_bytes_per_token), _fmt(row.prefill_tok_s, ".1f"),
+                      _fmt(row.decode_tok_s, ".1f"),
+                      "n/a" if row.peak_mem_bytes is None else human_bytes(row.peak_mem_bytes)])
+    widths = [max(len(r[i]) for r in [headers, *lines]) for i in range(len(headers))]
+
+    def render(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([render(headers), *map(render, lines)])
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write to a temporary file beside `path`, then rename: never a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from lowbit.cli.errors import user_error_types
+    from lowbit.engine.evaluate import EvaluationError
+    from lowbit.engine.tokenizer import TokenizerError
+    from lowbit.quant.text import TextError
+    return (TextError, EvaluationError, TokenizerError, *user_error_types())
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option("--weights", "weights", multiple=True, default=("16,int8,int4",), show_default=True,
+              help=f"weight settings, comma-separated or repeated: {WEIGHT_EXAMPLES}")
+@click.option("--kv", "kv", multiple=True, default=("16",), show_default=True,
+              help="KV-cache bits, comma-separated or repeated: 16, 8, 4")
+@click.option("--group-size", type=int, default=None,
+              help="group size where a --weights spec names none [int8: per channel; int4: 128]")
+@click.option("--text", "text_path", default=None, metavar="FILE",
+              help="UTF-8 text to evaluate on [default: the ABC news corpus lee_background.cor "
+                   "from gensim]")
+@click.option("--windows", "n_windows", default=8, show_default=True, type=click.IntRange(1),
+              help="consecutive windows from the start of the text")
+@click.option("--window-len", default=1024, show_default=True, type=click.IntRange(2),
+              help="tokens per window")
+@click.option("--gen-tokens", default=32, show_default=True, type=click.IntRange(2),
+              help="new tokens of the speed run (greedy, after a 128-token prompt from the text)")
+@click.option("--json", "json_path", default=None, metavar="PATH",
+              help="also write the results as JSON to PATH")
+@device_options
+def compare(model, weights, kv, group_size, text_path, n_windows, window_len, gen_tokens,
+            json_path, device, dtype):
+    """Compare quantized variants of MODEL with its 16-bit self: perplexity, KL divergence and
+    top-1 agreement on the same text windows, bits per weight, bytes, speed and peak memory.
+
+    Variants are every (--weights, --kv) pair but the 16/16 reference, e.g.
+    `--weights 16,int8,int4 --kv 16,8` gives 5. MODEL is an HF directory or a GGUF file
+    [default: the embedded SmolLM2-135M-Instruct, whose 16-bit weights are its Q4_1 GGUF
+    dequantized].
+    """
+    from lowbit.engine.compare import compare as run_compare
+    from lowbit.quant.text import default_text_path, read_text
+
+    variants = parse_variants(weights, kv, group_size)
+    if json_path and not Path(json_path).resolve().parent.is_dir():
+        raise click.ClickException(f"--json {json_path}: the folder does not exist")
+    log = lambda message: click.echo(message, err=True)  # noqa: E731
+    try:
+        path = Path(text_path) if text_path else default_text_path()
+        text = read_text(path)
+        result = run_compare(model, text, variants, text_label=str(path), device=device,
+                             dtype=dtype, n_windows=n_windows, window_len=window_len,
+                             gen_tokens=gen_tokens, log=log)
+    except _user_errors() as e:
+        raise click.ClickException(str(e)) from None
+    w = result.windows
+    default_note = " (the default model: its 16-bit weights are the Q4_1 GGUF dequantized)" \
+        if model is None else ""
+    log(f"reference: {result.model}{default_note}, weights as stored in {result.dtype} on "
+        f"{result.device}, KV 16-bit · text {path.name}: {len(w)} windows × "
+        f"{w.tokens.shape[1]} tokens · speed: {result.prompt_tokens}-token prompt + "
+        f"{gen_tokens} new tokens")
+    click.echo(format_table(result))
+    if json_path:
+        write_json_atomic(Path(json_path), result.to_dict())

@@ -1,0 +1,226 @@
+"""Run a 16-bit reference and quantized variants on the same text and collect, per variant,
+accuracy (perplexity, KL, top-1 against the reference) and cost (bits, bytes, speed, memory).
+
+Every distinct weight setting is loaded once and stays loaded (a KV setting needs no model of its
+own). Accuracy then runs window by window: the reference's forward runs once per window and every
+variant's forward is scored against it while both log-prob tensors are in memory. The
+alternatives cost more: keeping the reference's full distributions for all windows takes
+8 × 1023 × 49152 fp32 = 1.6 GB on the default model, and loading one variant at a time means
+either that or a second reference forward per window per weight setting; the models are small
+next to that (135M params: 540 MB fp32 for 16-bit, less quantized).
+
+Peak memory is measured per generation as this model's weight bytes plus what the run added on
+top of what was in use just before it (KV cache, activations), so the other resident models do
+not count: CUDA from the allocator's counters, CPU (Linux) from the process's resident set, whose
+high-water mark is reset through /proc/self/clear_refs before each run.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lowbit.engine.evaluate import (Tally, Windows, bits_per_weight, check_window_fits,
+                                    next_token_log_probs, split_windows)
+from lowbit.engine.generate import Generation
+from lowbit.engine.load import LoadedModel, load_model
+from lowbit.quant.config import QuantConfig
+
+PROMPT_TOKENS = 128  # the speed prompt: the text's first tokens
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One (weights, KV) setting. quant None = the weights as stored (16-bit)."""
+
+    quant: QuantConfig | None
+    kv_bits: int = 16
+
+    @property
+    def weights(self) -> str:
+        return "16" if self.quant is None else self.quant.name
+
+    @property
+    def name(self) -> str:
+        return f"{self.weights} kv{self.kv_bits}"
+
+
+REFERENCE = Variant(None, 16)
+
+
+@dataclass
+class Row:
+    """One line of the comparison; `to_dict` gives its JSON object."""
+
+    variant: Variant
+    ppl: float = float("nan")
+    ppl_delta_pct: float = 0.0
+    kl_mean: float = 0.0
+    top1_agreement: float = 100.0
+    bits_per_weight: float = 16.0
+    weight_bytes: int = 0
+    kv_bytes_per_token: int = 0
+    prefill_tok_s: float = 0.0
+    decode_tok_s: float = 0.0
+    peak_mem_bytes: int | None = None  # None where the platform has no resettable peak
+
+    def to_dict(self) -> dict:
+        return {"name": self.variant.name, "weights": self.variant.weights,
+                "kv": self.variant.kv_bits, "ppl": self.ppl, "ppl_delta_pct": self.ppl_delta_pct,
+                "kl_mean": self.kl_mean, "top1_agreement": self.top1_agreement,
+                "bits_per_weight": self.bits_per_weight, "weight_bytes": self.weight_bytes,
+                "kv_bytes_per_token": self.kv_bytes_per_token,
+                "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
+                "peak_mem_bytes": self.peak_mem_bytes}
+
+
+@dataclass
+class Comparison:
+    reference: Row
+    variants: list[Row]
+    model: str
+    device: str
+    dtype: str
+    text: str
+    windows: Windows
+    prompt_tokens: int
+    gen_tokens: int
+
+    def to_dict(self) -> dict:
+        w = self.windows
+        return {"reference": self.reference.to_dict(),
+                "variants": [r.to_dict() for r in self.variants],
+                "model": self.model, "device": self.device, "dtype": self.dtype,
+                "text": self.text, "windows": len(w), "windows_requested": w.requested,
+                "window_len": int(w.tokens.shape[1]), "token_ranges": [list(r) for r in w.ranges],
+                "prompt_tokens": self.prompt_tokens, "gen_tokens": self.gen_tokens,
+                "commit": source_commit(),
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def source_commit() -> str | None:
+    """git HEAD of the lowbit checkout this code runs from; None when it is not a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+class RunMemory:
+    """Bytes a run adds on top of what was in use when it started (see the module docstring)."""
+
+    CLEAR_REFS = Path("/proc/self/clear_refs")
+    STATUS = Path("/proc/self/status")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.base: int | None = None
+
+    def _proc_kib(self, field: str) -> int:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", self.STATUS.read_text(), re.M).group(1))
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return
+        try:
+            self.CLEAR_REFS.write_text("5")  # "5": reset the peak RSS to the current RSS
+            self.base = 1024 * self._proc_kib("VmRSS")
+        except (OSError, AttributeError):
+            self.base = None
+
+    def added(self) -> int | None:
+        if self.base is None:
+            return None
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        return 1024 * self._proc_kib("VmHWM") - self.base
+
+
+def _generate(model, prompt: list[int], kv_bits: int, gen_tokens: int) -> Generation:
+    """Greedy, exactly gen_tokens new tokens (no EOS stop: every variant decodes as many steps)."""
+    gen = Generation(model, prompt, max_new_tokens=gen_tokens, kv_bits=kv_bits)
+    for _ in gen:
+        pass
+    return gen
+
+
+def measure_speed(loaded: LoadedModel, variant: Variant, prompt: list[int], gen_tokens: int,
+                  row: Row) -> None:
+    """Fill the speed, bytes and memory fields of `row`: one warm-up generation (first calls
+    pay for kernel compilation and allocator growth), then one measured."""
+    _generate(loaded.model, prompt, variant.kv_bits, gen_tokens)
+    memory = RunMemory(loaded.device)
+    memory.start()
+    st = _generate(loaded.model, prompt, variant.kv_bits, gen_tokens).stats
+    added = memory.added()
+    row.bits_per_weight = bits_per_weight(loaded.model)
+    row.weight_bytes, row.kv_bytes_per_token = st.weight_bytes, st.kv_bytes_per_token
+    row.prefill_tok_s, row.decode_tok_s = st.prefill_tok_s, st.decode_tok_s
+    row.peak_mem_bytes = None if added is None else st.weight_bytes + max(added, 0)
+
+
+def measure_accuracy(models: dict[str, LoadedModel], variants: list[Variant], windows: Windows,
+                     rows: dict[Variant, Row], log: Callable[[str], None]) -> None:
+    """Fill ppl, Δppl, KL and top-1 of `rows`, the reference's row included."""
+    tallies = {v: Tally() for v in [REFERENCE, *variants]}
+    ref_model = models[REFERENCE.weights].model
+    for i, window in enumerate(windows.tokens):
+        t0 = time.perf_counter()
+        targets = window[1:]
+        ref = next_token_log_probs(ref_model, window, REFERENCE.kv_bits)  # (L - 1, V)
+        tallies[REFERENCE].add(ref, ref, targets)
+        for v in variants:
+            other = next_token_log_probs(models[v.weights].model, window, v.kv_bits)
+            tallies[v].add(ref, other, targets)
+            del other
+        log(f"accuracy: window {i + 1}/{len(windows)} (reference + {len(variants)} variants) "
+            f"{time.perf_counter() - t0:.1f} s")
+    ref_ppl = tallies[REFERENCE].perplexity
+    for v, tally in tallies.items():
+        row = rows[v]
+        row.ppl, row.kl_mean, row.top1_agreement = tally.perplexity, tally.kl_mean, tally.top1_agreement
+        row.ppl_delta_pct = 100.0 * (tally.perplexity / ref_ppl - 1.0)
+
+
+def compare(path, text: str, variants: list[Variant], *, text_label: str, device: str = "auto",
+            dtype: str = "auto", n_windows: int = 8, window_len: int = 1024, gen_tokens: int = 32,
+            log: Callable[[str], None] = lambda _: None) -> Comparison:
+    """The reference (16-bit weights as stored, 16-bit KV) and each variant on the same windows
+    of `text`; `variants` must not contain the reference."""
+    reference = load_model(path, device=device, dtype=dtype)
+    cfg = reference.config
+    check_window_fits(window_len, cfg.max_position_embeddings)
+    ids = reference.tokenizer.encode(text, add_special_tokens=False)
+    windows = split_windows(ids, n_windows, window_len)
+    if len(windows) < n_windows:
+        log(f"the text holds {len(ids)} tokens: {len(windows)} window(s) of {window_len} fit, "
+            f"not the {n_windows} asked for; using {len(windows)}")
+    prompt = ids[:min(PROMPT_TOKENS, cfg.max_position_embeddings - gen_tokens)]
+    dev, dt = str(reference.device), DTYPE_NAMES[reference.dtype]
+
+    models = {REFERENCE.weights: reference}
+    for v in variants:
+        if v.weights not in models:
+            log(f"loading {v.weights}")
+            models[v.weights] = load_model(path, device=dev, dtype=dt, quant=v.quant)
+    rows = {v: Row(v) for v in [REFERENCE, *variants]}
+    for v in [REFERENCE, *variants]:
+        measure_speed(models[v.weights], v, prompt, gen_tokens, rows[v])
+        r = rows[v]
+        log(f"speed {v.name}: prefill {r.prefill_tok_s:.1f} tok/s, decode {r.decode_tok_s:.1f} tok/s")
+    measure_accuracy(models, variants, windows, rows, log)
+    return Comparison(rows[REFERENCE], [rows[v] for v in variants], reference.source, dev, dt,
+                      text_label, windows, len(prompt), gen_tokens)
