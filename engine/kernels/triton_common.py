@@ -1,0 +1,201 @@
+"""Pieces shared by the Triton dequant-matmul kernels (int4 and int8).
+
+- Unpacking through the float-exponent trick: OR a small unsigned integer u into the mantissa of
+  a power of two 2**e (e >= bits of u) and the float is exactly 2**e + u; subtracting 2**e + z
+  gives u - z exactly. That is one LOP3 and one FADD per weight instead of a shift, a mask and an
+  int->float conversion, which H100 issues at a quarter of the FP32 rate (16 vs 64 per
+  SM-clock): at M=1, int4 must turn ~6e12 weights/s into floats to keep up with 3 TB/s.
+- The split-K epilogue: programs that share an output tile write fp32 partials to a workspace
+  and bump a per-tile counter; the last one to arrive sums the partials in split order (so the
+  result is deterministic), adds the bias, stores in the output dtype and resets the counter.
+  One launch, no memset: an fp32 atomic-add output would need a zeroed buffer and a cast
+  (3 launches, order-dependent rounding); a two-pass reduction, a second launch (~2-4 us of
+  launch latency, comparable to a whole k/v projection at M=1).
+- Per-device buffers grown on demand and reused across layers: the split-K workspace and
+  counters, and the dequantization scratch of the prefill path. Calls on one stream use them in
+  order; two streams running dequant_matmul concurrently on one device would race on them.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_buffers: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def buffer(name: str, device: torch.device, dtype: torch.dtype, numel: int,
+           zeroed: bool = False) -> torch.Tensor:
+    """A flat buffer of at least `numel` elements, one per (name, device, dtype), grown as needed.
+    `zeroed` buffers are zero when (re)allocated; their users must leave them zero."""
+    key = (name, torch.device(device), dtype)
+    buf = _buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        alloc = torch.zeros if zeroed else torch.empty
+        buf = alloc(max(numel, 1), device=device, dtype=dtype)
+        _buffers[key] = buf
+    return buf[:numel]
+
+
+def split_k_buffers(device: torch.device, split_k: int, m: int, n: int,
+                    tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 workspace of split_k * m * n partials, int32 per-tile arrival counters)."""
+    if split_k == 1:
+        return buffer("splitk_ws", device, torch.float32, 1), buffer(
+            "splitk_locks", device, torch.int32, 1, zeroed=True)
+    return (buffer("splitk_ws", device, torch.float32, split_k * m * n),
+            buffer("splitk_locks", device, torch.int32, tiles, zeroed=True))
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter: any small grid exercises the split-K path
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def pick_split_k(tiles: int, chunks: int, device: torch.device, waves: float = 4.0,
+                 min_chunks: int = 2) -> int:
+    """Split K so that tiles * split fills `waves` programs per SM, each keeping at least
+    `min_chunks` K-chunks (fewer makes the partials' traffic and the reduction dominate)."""
+    want = max(1, int(waves * num_sms(device)) // max(tiles, 1))
+    return max(1, min(want, chunks // min_chunks if chunks >= min_chunks else 1))
+
+
+@triton.jit
+def int4_plane(lo, hi, zf, I: tl.constexpr):
+    """(R, W) fp32 u - z of nibble I of every word; lo = words, hi = words >> 16, zf (R,) fp32.
+    The nibble sits at bit P = 4 * (I % 4) <= 12 of lo or hi; OR-ed under the exponent of
+    2**(23 - P) it is read as 2**(23 - P) + u, so one LOP3 extracts and converts it (a shift and
+    mask first cost SHF + SGXT more, seen in the SASS of Triton 3.9 for sm_90)."""
+    P: tl.constexpr = 4 * (I % 4)
+    MAGIC: tl.constexpr = 0x4B000000 - (P << 23)  # float bits of 2**(23 - P)
+    OFFSET: tl.constexpr = 8388608.0 / (1 << P)
+    if I < 4:
+        f = ((lo & (0xF << P)) | MAGIC).to(tl.float32, bitcast=True)
+    else:
+        f = ((hi & (0xF << P)) | MAGIC).to(tl.float32, bitcast=True)
+    return f - (zf + OFFSET)[:, None]
+
+
+@triton.jit
+def unpack_int4(words, zf):
+    """(R, W) int32 words, nibble i of word j = u[8j + i], zf (R,) fp32 zero points ->
+    (R, 8W) fp32 u - z in k order. The joins stack the planes in-register on new last axes
+    (most significant bit of i first) so the reshape puts u[8j + i] at column 8j + i without
+    moving data between threads."""
+    hi = words >> 16
+    n0 = int4_plane(words, hi, zf, 0)
+    n1 = int4_plane(words, hi, zf, 1)
+    n2 = int4_plane(words, hi, zf, 2)
+    n3 = int4_plane(words, hi, zf, 3)
+    n4 = int4_plane(words, hi, zf, 4)
+    n5 = int4_plane(words, hi, zf, 5)
+    n6 = int4_plane(words, hi, zf, 6)
+    n7 = int4_plane(words, hi, zf, 7)
+    lo = tl.join(tl.join(n0, n4), tl.join(n2, n6))  # (R, W, 2, 2): bits 2 and 1 of i
+    hi = tl.join(tl.join(n1, n5), tl.join(n3, n7))
+    both = tl.join(lo, hi)  # (R, W, 2, 2, 2): bits 2, 1, 0 of i
+    return tl.reshape(both, (words.shape[0], words.shape[1] * 8))
+
+
+@triton.jit
+def int8_plane(lo, hi, I: tl.constexpr):
+    """(R, W) fp32 q of byte I of every word (int8 q): the byte at bit P = 8 * (I % 2) of lo or
+    hi, XOR 0x80 (q + 128 in [1, 255]) under the exponent of 2**(23 - P), minus 2**(23 - P) + 128.
+    One LOP3 per weight: the mask, the XOR and the exponent bits are disjoint."""
+    P: tl.constexpr = 8 * (I % 2)
+    BITS: tl.constexpr = (0x4B000000 - (P << 23)) | (0x80 << P)
+    OFFSET: tl.constexpr = 8388608.0 / (1 << P) + 128.0
+    if I < 2:
+        f = ((lo & (0xFF << P)) ^ BITS).to(tl.float32, bitcast=True)
+    else:
+        f = ((hi & (0xFF << P)) ^ BITS).to(tl.float32, bitcast=True)
+    return f - OFFSET
+
+
+@triton.jit
+def unpack_int8(words):
+    """(R, W) int32 words, byte i of word j = q[4j + i] (int8) -> (R, 4W) fp32 q in k order."""
+    hi = words >> 16
+    b0 = int8_plane(words, hi, 0)
+    b1 = int8_plane(words, hi, 1)
+    b2 = int8_plane(words, hi, 2)
+    b3 = int8_plane(words, hi, 3)
+    both = tl.join(tl.join(b0, b2), tl.join(b1, b3))  # (R, W, 2, 2): bits 1 and 0 of i
+    return tl.reshape(both, (words.shape[0], words.shape[1] * 4))
+
+
+@triton.jit
+def _store_tile(acc, offs_n, offs_m, N, M, out_ptr, stride_om, bias_ptr, HAS_BIAS: tl.constexpr):
+    """acc (BLOCK_N, BLOCK_M) fp32 -> out[m, n] in out's dtype, plus bias[n]."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        acc = acc + bias[:, None]
+    mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def finish_tile(acc, offs_n, offs_m, N, M, out_ptr, stride_om, bias_ptr, ws_ptr, lock_ptr,
+                tile_id, pid_k, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Store a program's (BLOCK_N, BLOCK_M) fp32 tile, reducing over split-K programs.
+    Workspace layout: ws[s, m, n] fp32, (SPLIT_K, M, N) contiguous."""
+    if SPLIT_K == 1:
+        _store_tile(acc, offs_n, offs_m, N, M, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+    else:
+        mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+        ws = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
+        tl.store(ws + pid_k * M * N, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is stored before the release below
+        arrived = tl.atomic_add(lock_ptr + tile_id, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros_like(acc)
+            for s in range(SPLIT_K):
+                # .cg reads L2, where the other programs' partials landed, never a stale L1 line
+                total += tl.load(ws + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(lock_ptr + tile_id, 0)
+            _store_tile(total, offs_n, offs_m, N, M, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one dequant_matmul call runs.
+
+    path           "gemv": fused, CUDA-core FMAs (no tensor cores), for 1-4 activation rows;
+                   "dot": fused, weight tiles dequantized in registers feeding tl.dot;
+                   "dequant": dequantize the layer into the per-device scratch, then cuBLAS.
+    block_m/n/k    output tile rows (activations), columns (weights), K per loop step.
+    split_k        programs per output tile along K; None picks one that fills the SMs.
+    scale_in_tile  "dot" only: scale the weight tile before the dot (one accumulating dot chain,
+                   w rounded to the activation dtype) instead of scaling each K-step's dot result.
+    """
+
+    path: str
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int | None = None
+    num_warps: int = 4
+    num_stages: int = 2
+    scale_in_tile: bool = False
+
+    def __post_init__(self):
+        if self.path not in ("gemv", "dot", "dequant"):
+            raise ValueError(f"unknown path {self.path!r}")
+
+    def __str__(self) -> str:
+        if self.path == "dequant":
+            return "dequant+cublas"
+        split = "auto" if self.split_k is None else self.split_k
+        extra = ",sit" if self.scale_in_tile else ""
+        return (f"{self.path}(m{self.block_m},n{self.block_n},k{self.block_k},split{split},"
+                f"w{self.num_warps},s{self.num_stages}{extra})")

@@ -1,0 +1,209 @@
+"""dequant_matmul for Int8Weight on CUDA through Triton: out = x @ dequant(W).T (+ bias).
+
+Kernel layout (built once per weight and cached in `weight.repacked["triton"]`):
+  words   int32 (N, KW), KW = ceil(K / 4): byte i of words[n, j] is q[n, 4j + i] (int8). The
+          canonical qweight (N, K) int8 reinterpreted: a view when K % 4 == 0, else a padded copy.
+  scales  (G, N) in the stored dtype (G = 1 when per-channel), transposed so one group's N scales
+          are contiguous.
+
+Napkin math, Llama-3-8B q_proj (N = K = 4096) at M = 1: 16.8 MB of codes + 8 KB of per-channel
+scales, 5.6 us at ~3.0 TB/s, half the bf16 layer's 33.6 MB.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from lowbit.quant.formats import Int8Weight
+
+from .triton_common import (Plan, buffer, finish_tile, int8_plane, pick_split_k,
+                            split_k_buffers, unpack_int8)
+
+REPACK_KEY = "triton"
+
+
+@triton.jit
+def _gemv_chunk(words, x_ptr, stride_xm, m0, M, k0, K, BLOCK_M: tl.constexpr,
+                EVEN_K: tl.constexpr):
+    """(BLOCK_N, BLOCK_M) fp32 unscaled partial for one K-chunk on CUDA cores, BLOCK_M in {1, 2};
+    byte plane i of words (BLOCK_N, W) meets x[k0 + 4j + i] (why planes: see the int4 kernel)."""
+    offs_x = k0 + 4 * tl.arange(0, words.shape[1])
+    zero = tl.zeros_like(offs_x)  # row bounds as tensors: the interpreter rejects scalar masks
+    if EVEN_K:
+        k_in = offs_x >= 0
+    else:
+        k_in = offs_x < K
+    row0 = x_ptr + m0 * stride_xm + offs_x
+    row1 = row0 + stride_xm
+    hi = words >> 16
+    part0 = tl.zeros(words.shape, dtype=tl.float32)
+    part1 = tl.zeros(words.shape, dtype=tl.float32)
+    for i in tl.static_range(4):
+        w = int8_plane(words, hi, i)
+        x0 = tl.load(row0 + i, mask=k_in & (zero + m0 < M), other=0.0).to(tl.float32)
+        part0 += w * x0[None, :]
+        if BLOCK_M == 2:
+            x1 = tl.load(row1 + i, mask=k_in & (zero + m0 + 1 < M), other=0.0).to(tl.float32)
+            part1 += w * x1[None, :]
+    cols = tl.arange(0, BLOCK_M)[None, :]
+    out = tl.where(cols == 0, tl.sum(part0, axis=1)[:, None], 0.0)
+    if BLOCK_M == 2:
+        out += tl.where(cols == 1, tl.sum(part1, axis=1)[:, None], 0.0)
+    return out
+
+
+@triton.jit
+def _int8_matmul_kernel(
+        x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
+        M, N, K, stride_xm, stride_wn, stride_om, chunks_per_split,
+        GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+        USE_DOT: tl.constexpr, SCALE_IN_TILE: tl.constexpr, EVEN_K: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """Like the int4 kernel. GROUP_SIZE 0 means per-channel: the whole K sum is scaled once at
+    the end; otherwise BLOCK_K divides GROUP_SIZE and each chunk's partial is scaled."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    WORDS: tl.constexpr = BLOCK_K // 4
+    offs_w = tl.arange(0, WORDS)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :]  # (BLOCK_N, WORDS)
+    x_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]  # (BLOCK_K, BLOCK_M)
+
+    c_start = pid_k * chunks_per_split
+    c_end = tl.minimum(c_start + chunks_per_split, tl.cdiv(K, BLOCK_K))
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for c in range(c_start, c_end):
+        k0 = c * BLOCK_K
+        if EVEN_K:
+            words = tl.load(w_ptrs + c * WORDS, mask=n_mask[:, None], other=0)
+        else:
+            w_in = (c * WORDS + offs_w) < stride_wn
+            words = tl.load(w_ptrs + c * WORDS, mask=n_mask[:, None] & w_in[None, :], other=0)
+        if GROUP_SIZE == 0:
+            s = tl.full((BLOCK_N,), 1.0, tl.float32)
+        else:
+            s = tl.load(s_ptr + (k0 // GROUP_SIZE) * N + offs_n, mask=n_mask,
+                        other=0.0).to(tl.float32)
+        if USE_DOT:
+            if EVEN_K:
+                x = tl.load(x_ptrs + k0, mask=m_mask[None, :], other=0.0)
+            else:
+                x_mask = m_mask[None, :] & ((k0 + offs_k) < K)[:, None]
+                x = tl.load(x_ptrs + k0, mask=x_mask, other=0.0)
+            wq = unpack_int8(words)  # (BLOCK_N, BLOCK_K) fp32 q
+            if GROUP_SIZE == 0:
+                acc = tl.dot(wq.to(x.dtype), x, acc, input_precision=DOT_PRECISION)
+            elif SCALE_IN_TILE:
+                w = (wq * s[:, None]).to(x.dtype)
+                acc = tl.dot(w, x, acc, input_precision=DOT_PRECISION)
+            else:
+                part = tl.dot(wq.to(x.dtype), x, input_precision=DOT_PRECISION)
+                acc += part * s[:, None]
+        else:
+            acc += _gemv_chunk(words, x_ptr, stride_xm, pid_m * BLOCK_M, M, k0, K, BLOCK_M,
+                               EVEN_K) * s[:, None]
+    if GROUP_SIZE == 0:
+        acc *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    finish_tile(acc, offs_n, offs_m, N, M, out_ptr, stride_om, bias_ptr, ws_ptr, lock_ptr,
+                pid, pid_k, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _int8_dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, GROUP_SIZE: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """out (N, K) row-major in out's dtype = q * s for a (BLOCK_N, BLOCK_K) tile."""
+    pid_n = tl.program_id(0)
+    c = tl.program_id(1)
+    WORDS: tl.constexpr = BLOCK_K // 4
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = c * WORDS + tl.arange(0, WORDS)
+    offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :]
+    if EVEN_K:
+        words = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
+        out_mask = n_mask[:, None]
+    else:
+        words = tl.load(w_ptrs, mask=n_mask[:, None] & (offs_w < stride_wn)[None, :], other=0)
+        out_mask = n_mask[:, None] & (offs_k < K)[None, :]
+    if GROUP_SIZE == 0:
+        s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    else:
+        s = tl.load(s_ptr + ((c * BLOCK_K) // GROUP_SIZE) * N + offs_n, mask=n_mask,
+                    other=0.0).to(tl.float32)
+    w = (unpack_int8(words) * s[:, None]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w, mask=out_mask)
+
+
+def packed(weight: Int8Weight) -> dict[str, Tensor]:
+    """The kernel layout of `weight` (see the module docstring), built on first use."""
+    cache = weight.repacked
+    if REPACK_KEY not in cache:
+        q = weight.qweight.view(torch.uint8)  # (N, K): byte copies and pads without sign games
+        pad = -q.shape[1] % 4
+        if pad or q.storage_offset() % 4 or not q.is_contiguous():
+            q = torch.nn.functional.pad(q, (0, pad)).contiguous()  # (N, 4 * KW)
+        cache[REPACK_KEY] = {"words": q.view(torch.int32),  # (N, KW)
+                             "scales": weight.scales.t().contiguous()}  # (G, N)
+    return cache[REPACK_KEY]
+
+
+def default_plan(m: int, n: int, k: int, group_size: int | None) -> Plan:
+    """Hand-picked per shape class; see benchmarks/NOTES-kernels.md for the measurements."""
+    block_k = min(group_size or 128, 128)
+    if m <= 2:
+        return Plan("gemv", block_m=triton.next_power_of_2(m), block_n=64, block_k=block_k,
+                    num_warps=4, num_stages=2)
+    if m <= 64:
+        return Plan("dot", block_m=max(16, triton.next_power_of_2(m)), block_n=64,
+                    block_k=block_k, num_warps=4, num_stages=3)
+    return Plan("dequant")
+
+
+def int8_matmul(x: Tensor, weight: Int8Weight, bias: Tensor | None, out: Tensor,
+                plan: Plan | None = None) -> Tensor:
+    """out (M, N) = x (M, K) @ dequant(weight).T + bias; x has unit stride along K."""
+    m, k = x.shape
+    n = weight.out_features
+    gs = weight.group_size if weight.group_size and weight.group_size < k else 0
+    plan = plan or default_plan(m, n, k, gs or None)
+    if plan.path == "gemv" and plan.block_m not in (1, 2):
+        raise ValueError(f"the gemv path takes 1 or 2 rows per program, not {plan.block_m}")
+    p = packed(weight)
+    words, scales = p["words"], p["scales"]
+    block_k = min(plan.block_k, gs) if gs else plan.block_k
+    even_k = k % block_k == 0
+    if plan.path == "dequant":
+        w16 = buffer("dequant", x.device, x.dtype, n * k).view(n, k)
+        grid = (triton.cdiv(n, 64), triton.cdiv(k, block_k))
+        _int8_dequant_kernel[grid](words, scales, w16, n, k, words.shape[1], GROUP_SIZE=gs,
+                                   BLOCK_N=64, BLOCK_K=block_k, EVEN_K=even_k, num_warps=4)
+        if bias is None:
+            return torch.mm(x, w16.t(), out=out)
+        return torch.addmm(bias.to(x.dtype), x, w16.t(), out=out)
+
+    tiles = triton.cdiv(m, plan.block_m) * triton.cdiv(n, plan.block_n)
+    chunks = triton.cdiv(k, block_k)
+    split = plan.split_k or pick_split_k(tiles, chunks, x.device)
+    per_split = triton.cdiv(chunks, split)
+    split = triton.cdiv(chunks, per_split)  # no empty splits
+    ws, locks = split_k_buffers(x.device, split, m, n, tiles)
+    _int8_matmul_kernel[(tiles, split)](
+        x, words, scales, out if bias is None else bias, out, ws, locks,
+        m, n, k, x.stride(0), words.shape[1], out.stride(0), per_split,
+        GROUP_SIZE=gs, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=block_k,
+        SPLIT_K=split, HAS_BIAS=bias is not None, USE_DOT=plan.path == "dot",
+        SCALE_IN_TILE=plan.scale_in_tile, EVEN_K=even_k,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=plan.num_warps, num_stages=plan.num_stages)
+    return out

@@ -1,0 +1,142 @@
+"""Triton int4 dequant_matmul against the fp64 reference (dequantize, then matmul).
+
+On CPU the kernels run in the Triton interpreter (set before triton is imported), fp16/fp32 only
+(the interpreter's bf16 arithmetic is wrong). The GPU suite runs the same checks at Llama-3-8B
+shapes in bf16/fp16 when CUDA is there and the interpreter is off (TRITON_INTERPRET=0).
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+from lowbit.engine.kernels import registry  # noqa: E402
+from lowbit.engine.kernels.triton_backend import dequant_matmul, supports  # noqa: E402
+from lowbit.engine.kernels.triton_common import Plan, interpreting  # noqa: E402
+from lowbit.engine.kernels.triton_int4_matmul import int4_matmul  # noqa: E402
+from lowbit.quant.formats import Int4Weight  # noqa: E402
+
+# relative Frobenius error bounds: fp32 runs exact codes through an IEEE dot; fp16 rounds the
+# output (and, with scale_in_tile, each weight) to 11 bits; bf16 to 8 bits.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+on_gpu = pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
+                            reason="needs CUDA with TRITON_INTERPRET unset or 0")
+
+
+def _weight(n, k, gs, symmetric, dtype, device="cpu"):
+    w = torch.randn(n, k, device=device, dtype=torch.float32)
+    return Int4Weight.quantize(w.to(dtype), gs, symmetric=symmetric)
+
+
+def _reference(x, weight, bias):
+    w = weight.dequantize(torch.float64)  # (N, K)
+    out = x.double() @ w.T
+    return out if bias is None else out + bias.double()
+
+
+def _rel_err(out, ref):
+    assert not torch.isnan(out).any(), "output has unwritten (NaN-poisoned) elements"
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def _run(weight, m, dtype, bias, plan, device="cpu"):
+    k, n = weight.in_features, weight.out_features
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(n, device=device, dtype=dtype) if bias else None
+    out = torch.full((m, n), float("nan"), device=device, dtype=dtype)  # poison
+    int4_matmul(x, weight, b, out, plan)
+    return _rel_err(out, _reference(x, weight, b))
+
+
+# (N, K, group, symmetric, M, plan): every kernel variant on odd shapes, ragged last groups
+# (K=200/gs 64: 8 columns; K=96/gs 64: 32), split-K forced on and off.
+CASES = [
+    (48, 96, 32, True, 1, Plan("gemv", block_m=1, block_n=16, block_k=32, split_k=2)),
+    (48, 200, 64, False, 1, Plan("gemv", block_m=1, block_n=32)),
+    (48, 160, 32, False, 3, Plan("gemv", block_m=2, block_n=16, split_k=3)),
+    (48, 96, 64, True, 2, Plan("gemv", block_m=2, block_n=64, split_k=1)),
+    (48, 200, 64, False, 3, Plan("dot", block_m=16, block_n=32, split_k=3)),
+    (48, 160, 32, True, 17, Plan("dot", block_m=16, block_n=16, split_k=1)),
+    (48, 96, 64, False, 17, Plan("dot", block_m=16, block_n=32, scale_in_tile=True)),
+    (48, 200, 64, True, 5, Plan("dot", block_m=16, block_n=32, split_k=2, scale_in_tile=True)),
+    (48, 200, 64, False, 17, Plan("dequant")),
+    (48, 160, 32, True, 3, Plan("dequant")),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("n,k,gs,symmetric,m,plan", CASES, ids=[str(c[-1]) for c in CASES])
+def test_int4_kernels_match_reference(n, k, gs, symmetric, m, plan, dtype):
+    torch.manual_seed(n * k + m)
+    weight = _weight(n, k, gs, symmetric, dtype)
+    assert _run(weight, m, dtype, bias=m % 2 == 1, plan=plan) < TOL[dtype]
+
+
+def test_split_k_counters_reset_between_calls():
+    """The last program of a tile resets its counter; a stale one would skip the reduction."""
+    torch.manual_seed(1)
+    weight = _weight(48, 200, 32, False, torch.float32)
+    plan = Plan("dot", block_m=16, block_n=16, split_k=3)
+    errors = [_run(weight, 3, torch.float32, True, plan) for _ in range(3)]
+    assert max(errors) < TOL[torch.float32]
+
+
+def test_dispatch_keeps_leading_dims_and_bias():
+    torch.manual_seed(2)
+    weight = _weight(48, 96, 32, False, torch.float16)
+    x = torch.randn(2, 3, 96, dtype=torch.float16)
+    bias = torch.randn(48, dtype=torch.float16)
+    with registry.use_backend("triton"):
+        out = registry.dispatch("dequant_matmul", x, weight, bias)
+    assert out.shape == (2, 3, 48) and out.dtype == torch.float16
+    ref = _reference(x.reshape(6, 96), weight, bias).reshape(2, 3, 48)
+    assert _rel_err(out, ref) < TOL[torch.float16]
+
+
+def test_non_contiguous_activation_and_empty_batch():
+    torch.manual_seed(3)
+    weight = _weight(48, 96, 32, True, torch.float32)
+    x = torch.randn(96, 5).t()  # (5, 96), stride 1 along rows: must be copied
+    assert _rel_err(dequant_matmul(x, weight), _reference(x, weight, None)) < 1e-5
+    assert dequant_matmul(torch.randn(0, 96), weight).shape == (0, 48)
+
+
+def test_supports_names_the_problem():
+    weight = _weight(48, 96, 32, True, torch.float32)
+    assert supports(torch.randn(2, 96), weight) is None
+    assert "in_features" in supports(torch.randn(2, 95), weight)
+    assert "int64" in supports(torch.zeros(2, 96, dtype=torch.int64), weight)
+
+
+GPU_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
+
+
+@on_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("n,k", GPU_SHAPES, ids=[f"{n}x{k}" for n, k in GPU_SHAPES])
+@pytest.mark.parametrize("gs,symmetric", [(128, False), (64, True), (32, False)])
+def test_int4_gpu_default_plans(n, k, gs, symmetric, dtype):
+    torch.manual_seed(n + k + gs)
+    weight = _weight(n, k, gs, symmetric, dtype, device="cuda")
+    for m in (1, 2, 5, 16, 64, 300):
+        assert _run(weight, m, dtype, bias=m == 5, plan=None, device="cuda") < TOL[dtype], m
+
+
+@on_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("plan", [Plan("gemv", block_m=2, block_n=128),
+                                  Plan("dot", block_m=16, block_n=128, split_k=4),
+                                  Plan("dot", block_m=128, block_n=128, num_warps=8,
+                                       num_stages=3, scale_in_tile=True),
+                                  Plan("dequant")], ids=str)
+def test_int4_gpu_every_path(plan, dtype):
+    torch.manual_seed(7)
+    weight = _weight(4096, 4096, 128, False, dtype, device="cuda")
+    m = 2 if plan.path == "gemv" else 200
+    assert _run(weight, m, dtype, bias=True, plan=plan, device="cuda") < TOL[dtype]
