@@ -27,6 +27,13 @@ def check_group_size(group_size: int) -> None:
             f"group size {group_size} is not a power of two from 16 to 1024")
 
 
+def _matches(module_name: str, patterns: tuple[str, ...]) -> bool:
+    """A pattern matches a module by name, as a prefix of dotted names, or as an fnmatch glob."""
+    import fnmatch
+    return any(module_name == p or module_name.startswith(p + ".")
+               or fnmatch.fnmatchcase(module_name, p) for p in patterns)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Weight bits (16/8/4), group size along the input dimension (None = one group per output
@@ -39,6 +46,8 @@ class QuantConfig:
     keep_16bit: tuple[str, ...] = DEFAULT_KEEP_16BIT
     kv_bits: int = 16
     calibration: dict = field(default_factory=dict, compare=False)
+    # module patterns stored as per-channel int8 inside an int4 model (the most sensitive layers)
+    keep_8bit: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.weight_bits not in WEIGHT_BITS:
@@ -55,10 +64,14 @@ class QuantConfig:
         if self.weight_bits == 8 and not self.symmetric:
             object.__setattr__(self, "symmetric", True)  # int8 is symmetric by definition here
         object.__setattr__(self, "keep_16bit", tuple(self.keep_16bit))
+        object.__setattr__(self, "keep_8bit", tuple(self.keep_8bit))
+        if self.keep_8bit and self.weight_bits != 4:
+            raise QuantConfigError("keeping layers at 8 bits needs int4 weights for the rest")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["keep_16bit"] = list(self.keep_16bit)
+        d["keep_8bit"] = list(self.keep_8bit)
         return d
 
     @classmethod
@@ -74,9 +87,19 @@ class QuantConfig:
 
     def keeps_16bit(self, module_name: str) -> bool:
         """True if `module_name` matches a keep-16-bit pattern: a prefix or an fnmatch glob."""
-        import fnmatch
-        return any(module_name == p or module_name.startswith(p + ".")
-                   or fnmatch.fnmatchcase(module_name, p) for p in self.keep_16bit)
+        return _matches(module_name, self.keep_16bit)
+
+    def keeps_8bit(self, module_name: str) -> bool:
+        """True if `module_name` matches a keep-8-bit pattern (and no keep-16-bit one)."""
+        return not self.keeps_16bit(module_name) and _matches(module_name, self.keep_8bit)
+
+    def for_module(self, module_name: str) -> "QuantConfig":
+        """The settings `module_name`'s weight is stored with: per-channel int8 when a keep-8-bit
+        pattern names it, else this config."""
+        if not self.keeps_8bit(module_name):
+            return self
+        return dataclasses.replace(self, weight_bits=8, group_size=None, symmetric=True,
+                                   keep_8bit=())
 
     @property
     def name(self) -> str:
