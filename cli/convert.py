@@ -1,0 +1,72 @@
+"""`lowbit convert [SRC] OUT`: a 16-bit model → a lowbit checkpoint directory."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from lowbit.cli.report import human_bytes
+
+WEIGHT_BITS = {"int8": 8, "int4": 4}
+
+
+def _quant_config(weights: str, group_size: int | None, symmetric: bool, keep_16bit: tuple,
+                  kv: int, method: str):
+    from lowbit.quant.config import DEFAULT_KEEP_16BIT, QuantConfig
+
+    if weights not in WEIGHT_BITS:
+        raise click.ClickException(f"unknown --weights {weights!r}; choose int8 or int4")
+    bits = WEIGHT_BITS[weights]
+    if group_size is None and bits == 4:
+        group_size = 128
+    keep = tuple(dict.fromkeys(DEFAULT_KEEP_16BIT + keep_16bit))
+    return QuantConfig(weight_bits=bits, group_size=group_size, symmetric=symmetric,
+                       method=method, keep_16bit=keep, kv_bits=kv)
+
+
+def format_summary(s) -> str:
+    return "\n".join([
+        f"wrote {s.out}  ({s.quant.name}, {s.quant.method}, KV {s.quant.kv_bits}-bit by default)",
+        f"  weights      {human_bytes(s.bytes_before)} (16-bit) → {human_bytes(s.bytes_after)}  "
+        f"({s.ratio:.2f}x smaller, {s.tensors} tensors)",
+        f"  bits/weight  {s.bits_per_weight_linears:.2f} over the quantized linears · "
+        f"{s.bits_per_weight_overall:.2f} overall",
+        f"  time         {s.seconds:.1f} s · peak RSS {human_bytes(s.peak_rss_bytes)}",
+    ])
+
+
+@click.command()
+@click.argument("paths", nargs=-1, metavar="[SRC] OUT")
+@click.option("--weights", default="int4", show_default=True, help="int8 or int4")
+@click.option("--group-size", type=int, default=None,
+              help="input columns per scale: a power of two from 16 to 1024 "
+                   "[default: 128 for int4, one scale per output channel for int8]")
+@click.option("--symmetric", is_flag=True, help="int4 without zero points (int8 always is)")
+@click.option("--keep-16bit", "keep_16bit", multiple=True, metavar="PATTERN",
+              help="keep modules matching PATTERN (a prefix or glob, e.g. lm_head or "
+                   "'*.down_proj') in 16-bit; repeatable; the embedding always is")
+@click.option("--kv", type=int, default=16, show_default=True,
+              help="default KV-cache bits recorded in the checkpoint (16, 8 or 4)")
+@click.option("--method", default="rtn", show_default=True,
+              help="quantization method; rtn (round to nearest) is the one without calibration")
+@click.option("--force", is_flag=True, help="replace OUT if it is a lowbit checkpoint")
+def convert(paths, weights, group_size, symmetric, keep_16bit, kv, method, force):
+    """Quantize SRC (an HF directory or GGUF file; default: the embedded SmolLM2-135M-Instruct)
+    into a lowbit checkpoint directory OUT, streaming one tensor at a time."""
+    from lowbit.quant.architecture import UnsupportedModelError
+    from lowbit.quant.checkpoint import CheckpointError
+    from lowbit.quant.config import QuantConfigError
+    from lowbit.quant.convert import convert as run_convert
+    from lowbit.quant.formats import FormatError
+    from lowbit.quant.sources import ModelSourceError
+
+    if len(paths) not in (1, 2):
+        raise click.ClickException(f"expected [SRC] OUT, got {len(paths)} paths")
+    src, out = (None, paths[0]) if len(paths) == 1 else paths
+    try:
+        cfg = _quant_config(weights, group_size, symmetric, keep_16bit, kv, method)
+        summary = run_convert(src, Path(out), cfg, force=force)
+    except (QuantConfigError, CheckpointError, ModelSourceError, UnsupportedModelError,
+            FormatError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(format_summary(summary))
