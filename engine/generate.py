@@ -61,6 +61,25 @@ def check_fits(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
             f"{prompt_tokens + max_new_tokens} exceeds the model's context of {context} tokens")
 
 
+# Prompt tokens per prefill forward. Bounds every temporary of a long prompt by the chunk, not
+# the prompt: a 32k prompt in one forward would build 32k x 32k attention masks and (B, 32k,
+# 14336) MLP activations; in 2048-token chunks the MLP's matmuls are still compute-bound.
+# A multiple of 32, so an int4 KV cache's key groups start at chunk boundaries.
+PREFILL_CHUNK = 2048
+
+
+def prefill(model, ids: torch.Tensor, cache, chunk: int | None = None) -> torch.Tensor:
+    """Run the prompt ids (B, P) through the model into `cache`, `chunk` (default
+    PREFILL_CHUNK) tokens per forward; returns the logits (B, 1, V) of the last prompt token."""
+    chunk = chunk or PREFILL_CHUNK
+    p = ids.shape[1]
+    for s in range(0, p, chunk):
+        e = min(p, s + chunk)
+        logits = model(ids[:, s:e], torch.arange(s, e, device=ids.device), cache, kv_len=e,
+                       last_only=True)
+    return logits
+
+
 def model_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of every parameter and persistent buffer, each shared tensor once."""
     seen, total = set(), 0
@@ -123,7 +142,7 @@ class Generation:
         history = ids if self.use_history else None
         p = ids.shape[1]
         t0 = timing.now(dev)
-        logits = self.model(ids, torch.arange(p, device=dev), self.cache, kv_len=p, last_only=True)
+        logits = prefill(self.model, ids, self.cache)
         st.prefill_s = timing.now(dev) - t0
         token = self.sampler(logits[:, -1], history)  # (1,)
         tok = int(token.item())

@@ -1,0 +1,178 @@
+"""Sync-free write of one decode token into the int8 / int4 KV caches (one launch per layer).
+
+The caches' torch update reads positions[0] on the host and quantizes with ~10 small torch ops
+per tensor; inside a CUDA-graph decode step a host read breaks the capture, and ~20 launches per
+layer x 32 layers would cost ~1 ms per token. Here one program per (batch, KV head) reads the
+position on the device and writes exactly the bytes the torch path writes (same fp32 formulas,
+IEEE division, round-half-to-even, fp16 scales, an underflowed scale stored as exact zeros):
+- int8: codes + one fp16 scale per token for k and v;
+- int4: the value row (nibbles, fp16 scale and integer zero per 32 channels); the 16-bit key
+  into residual slot pos % 32, and when that slot is 31 the whole group, now complete, is
+  quantized per channel from the window and written to k_packed / k_scale / k_zero.
+Positions are not range-checked on the device; callers check on the host where they can.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    _missing = None
+except ImportError as e:  # triton is optional: the caches then keep their torch update
+    _missing = f"triton is not importable ({e})"
+
+
+if _missing is None:
+    @triton.jit
+    def _rint(x):
+        """Round half to even, exactly (torch.round): x - floor(x) is exact in fp32."""
+        f = tl.floor(x)
+        d = x - f
+        odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+        up = (d > 0.5) | ((d == 0.5) & odd)
+        return tl.where(up, f + 1.0, f)
+
+    @triton.jit
+    def _int8_row(x_ptr, q_ptr, s_ptr, D: tl.constexpr):
+        """Symmetric int8 of one (D,) row: q = rint(x / s), s = fp16(absmax / 127)."""
+        offs = tl.arange(0, D)
+        x = tl.load(x_ptr + offs).to(tl.float32)
+        s = tl.math.div_rn(tl.max(tl.abs(x), axis=0), 127.0)
+        s16 = tl.where(s > 0, s, 1.0).to(tl.float16)
+        dead = s16 == 0  # fp16 underflow: stored as scale 1, codes 0
+        s32 = tl.where(dead, 1.0, s16.to(tl.float32))
+        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, s32)), -127.0), 127.0)
+        tl.store(q_ptr + offs, tl.where(dead, 0.0, q).to(tl.int8))
+        tl.store(s_ptr, s32.to(tl.float16))
+
+    @triton.jit
+    def _int8_write_kernel(k_ptr, v_ptr, pos_ptr, kq_ptr, vq_ptr, ks_ptr, vs_ptr,
+                           stride_kb, stride_kh, stride_vb, stride_vh, S,
+                           HKV: tl.constexpr, D: tl.constexpr):
+        bh = tl.program_id(0)
+        b = bh // HKV
+        h = bh % HKV
+        row = bh.to(tl.int64) * S + tl.load(pos_ptr)  # (B*Hkv, S) index of the new token
+        _int8_row(k_ptr + b * stride_kb + h * stride_kh, kq_ptr + row * D, ks_ptr + row, D)
+        _int8_row(v_ptr + b * stride_vb + h * stride_vh, vq_ptr + row * D, vs_ptr + row, D)
+
+    @triton.jit
+    def _asym4(x, axis: tl.constexpr):
+        """Asymmetric 4-bit codes of x reduced over `axis` -> (u, fp16 scale, zero), the
+        primitives' formulas: s = (max(hi, 0) - min(lo, 0)) / 15, z = rint(-lo / s)."""
+        lo = tl.minimum(tl.min(x, axis=axis), 0.0)
+        hi = tl.maximum(tl.max(x, axis=axis), 0.0)
+        s = tl.math.div_rn(hi - lo, 15.0)
+        s16 = tl.where(s > 0, s, 1.0).to(tl.float16)
+        dead = tl.expand_dims(s16 == 0, axis)  # fp16 underflow: scale 1, codes and zero 0
+        s32 = tl.where(dead, 1.0, tl.expand_dims(s16.to(tl.float32), axis))
+        z = tl.minimum(tl.maximum(_rint(tl.math.div_rn(-tl.expand_dims(lo, axis), s32)), 0.0),
+                       15.0)
+        u = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, s32)) + z, 0.0), 15.0)
+        return tl.where(dead, 0.0, u), s32, tl.where(dead, 0.0, z)
+
+    @triton.jit
+    def _pack_pairs(u, R: tl.constexpr, C: tl.constexpr):
+        """(R, C) codes in [0, 15] -> (R, C/2) bytes, column 2j in the low nibble."""
+        pairs = tl.reshape(u.to(tl.int32), (R, C // 2, 2))
+        return tl.sum(pairs << (4 * tl.arange(0, 2)[None, None, :]), axis=2).to(tl.uint8)
+
+    @triton.jit
+    def _int4_write_kernel(k_ptr, v_ptr, pos_ptr, kp_ptr, ks_ptr, kz_ptr, kr_ptr,
+                           vp_ptr, vs_ptr, vz_ptr, stride_kb, stride_kh, stride_vb, stride_vh,
+                           stride_kp, stride_kg, stride_kr, stride_vp, stride_vg,
+                           HKV: tl.constexpr, D: tl.constexpr, GV: tl.constexpr):
+        """Values: the row viewed as (GV, 32), one group of 32 channels a row. Keys: the
+        residual window (32 tokens, D), one group of 32 tokens per channel."""
+        bh = tl.program_id(0)
+        b = bh // HKV
+        h = bh % HKV
+        bh64 = bh.to(tl.int64)
+        pos = tl.load(pos_ptr)
+        og = tl.arange(0, GV)
+        oc = tl.arange(0, 32)
+        v = tl.load(v_ptr + b * stride_vb + h * stride_vh + og[:, None] * 32 + oc[None, :])
+        u, s, z = _asym4(v.to(tl.float32), 1)  # (GV, 32), (GV, 1), (GV, 1)
+        oj = tl.arange(0, 16)
+        row = vp_ptr + bh64 * stride_vp + pos * (D // 2)
+        tl.store(row + og[:, None] * 16 + oj[None, :], _pack_pairs(u, GV, 32))
+        tl.store(vs_ptr + bh64 * stride_vg + pos * GV + og[:, None], s.to(tl.float16))
+        tl.store(vz_ptr + bh64 * stride_vg + pos * GV + og[:, None], z.to(tl.uint8))
+        r = pos % 32
+        offs_d = tl.arange(0, D)
+        k_row = k_ptr + b * stride_kb + h * stride_kh
+        res = kr_ptr + bh64 * stride_kr
+        tl.store(res + r * D + offs_d, tl.load(k_row + offs_d))
+        if r == 31:
+            ot = tl.arange(0, 32)
+            window = tl.load(res + ot[:, None] * D + offs_d[None, :]).to(tl.float32)  # (32, D)
+            fresh = tl.load(k_row + offs_d).to(tl.float32)
+            window = tl.where(ot[:, None] == r, fresh[None, :], window)  # own row, not re-read
+            ku, kscale, kzero = _asym4(window, 0)  # (32, D), (1, D), (1, D)
+            grp = pos // 32
+            jj = tl.arange(0, D // 2)
+            tl.store(kp_ptr + bh64 * stride_kp + (grp * 32 + ot[:, None]) * (D // 2)
+                     + jj[None, :], _pack_pairs(ku, 32, D))
+            gbase = bh64 * stride_kg + grp * D + offs_d[None, :]
+            tl.store(ks_ptr + gbase, kscale.to(tl.float16))
+            tl.store(kz_ptr + gbase, kzero.to(tl.uint8))
+
+
+def supports_decode_write(cache, k: torch.Tensor) -> str | None:
+    """None if the sync-free write can run for this cache and key, else why not."""
+    if _missing is not None:
+        return _missing
+    d = k.shape[-1]
+    if d < 32 or d & (d - 1):
+        return f"head_dim {d} is not a power of two >= 32"
+    if k.stride(-1) != 1:
+        return "the new keys' last dimension is not contiguous"
+    return None
+
+
+def decode_write(cache, layer: int, positions: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> None:
+    """Write k, v (B, Hkv, 1, D) of the token at positions[0] (a device tensor) into `cache`
+    (Int8KVCache or Int4KVCache) without reading the position on the host."""
+    from lowbit.engine.kv_quant import Int4KVCache, Int8KVCache
+
+    b, hkv, _, d = k.shape
+    grid = (b * hkv,)
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    if isinstance(cache, Int8KVCache):
+        _int8_write_kernel[grid](
+            k, v, positions, cache.k[layer], cache.v[layer], cache.k_scale[layer],
+            cache.v_scale[layer], k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            cache.max_seq, HKV=hkv, D=d, num_warps=1)
+    elif isinstance(cache, Int4KVCache):
+        kp, ks, kz = cache.k_packed[layer], cache.k_scale[layer], cache.k_zero[layer]
+        kr, vp = cache.k_residual[layer], cache.v_packed[layer]
+        vs, vz = cache.v_scale[layer], cache.v_zero[layer]
+        _int4_write_kernel[grid](
+            k, v, positions, kp, ks, kz, kr, vp, vs, vz,
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            kp.stride(1), ks.stride(1), kr.stride(1), vp.stride(1), vs.stride(1),
+            HKV=hkv, D=d, GV=vs.shape[-1], num_warps=4)
+    else:
+        raise TypeError(f"no sync-free decode write for {type(cache).__name__}")
+
+
+def write_decode_token(cache, layer: int, positions: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor) -> bool:
+    """The caches' fast path: a one-token write on CUDA goes through `decode_write` and returns
+    True; anything else (prefill chunks, CPU, no triton) returns False for the torch update.
+
+    Outside CUDA-graph capture the position is still read once on the host, as the torch path
+    does, to range-check it and to record the int4 cache's chunk_prior (the reference attention
+    needs it; it cannot run inside a graph anyway). During capture neither can be done."""
+    if k.shape[2] != 1 or not k.is_cuda or supports_decode_write(cache, k) is not None:
+        return False
+    capturing = torch.cuda.is_current_stream_capturing()
+    p0 = None if capturing else cache._first_position(positions, k)
+    decode_write(cache, layer, positions, k, v)
+    if hasattr(cache, "chunk_prior"):
+        cache.chunk_prior = None if capturing else (
+            layer, p0, cache.k_residual[layer, :, :, :p0 % 32].clone())
+    return True
