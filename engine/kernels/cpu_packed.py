@@ -7,8 +7,9 @@ int4: aten._convert_weight_to_int4pack_for_cpu(u int32 (N, K), innerKTiles) repa
       zf = (8 - z) * s, which makes that (u - z) * s exactly in real arithmetic.
 Constraints (torch 2.13 on this machine, same checks in pytorch main's LinearAlgebra.cpp):
 x 2-D and contiguous, fp32/fp16/bf16, scales in x's dtype (else "expected scalar type Float but
-found BFloat16"), int4 group size in {32, 64, 128, 256} with K % gs == 0, and N % 16 == 0.
-A ragged last group (K=576, gs=128) is handled by padding K to G*gs: the repacked weight gets
+found BFloat16"), int4 group size in {32, 64, 128, 256} with K % gs == 0, N % 16 == 0, and
+(found here, not checked by torch) K % 16 == 0 for bf16 int8, which otherwise segfaults or
+returns NaN. A ragged last group (K=576, gs=128) is handled by padding K to G*gs: the repacked weight gets
 nibbles of 8 there and x gets zero columns (a copy of x, cheap at the row counts used here).
 Repacked weights and cast scales are built on first use and cached on the format
 object per activation dtype. The int4 repack is a second copy of the packed weight (N*K/2 bytes):
@@ -29,13 +30,15 @@ BACKEND = "cpu-packed"
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 # When it is faster than the reference, measured on this 2-core AMD EPYC (avx512_bf16), torch
-# 2.13, best of 15, weight N x K = 1536x576 (576x1536 within 10%), reference = dequantize + F.linear:
+# 2.13, best of 15, weight N x K = 1536x576 (576x1536 similar; the CPU was shared, so +-30%),
+# reference = dequantize + F.linear:
 #   bf16, M=1:   int8 20 us vs 187 us, int4 g64 18 us vs 401 us
 #   bf16, M=16:  int8 98 vs 224, int4 87 vs 425;  M=32: int8 189 vs 267;  M=48: int8 280 vs 295
 #   bf16, M=64:  int8 373 vs 327 (slower), int4 365 vs 545;  M=128: int4 682 vs 617 (slower)
 #   fp32, M=1:   int8 287 vs 372, int4 652 vs 640;  M=64: int8 19.0 ms vs 1.0 ms, int4 41 ms vs 1.3 ms
 #   fp16, M=1:   int8 326 vs 141, int4 654 vs 349 (both slower at every M)
-# Only the bf16 kernels are vectorised here; fp32/fp16 run a per-row scalar loop. So bf16 only,
+# Only the bf16 kernels are fast here (fp32/fp16 time grows linearly with M, ~300 us a row for
+# int8, ~650 for int4). So bf16 only,
 # up to the row counts where the packed kernel stops winning.
 MAX_ROWS = {Int8Weight: 32, Int4Weight: 64}
 
