@@ -28,6 +28,15 @@ REPACK_KEY = "triton"
 
 
 @triton.jit
+def _x_in(k, m, M, K, EVEN_K: tl.constexpr):
+    """Mask of x[m, k] loads: row in range, and column in range unless K is a chunk multiple
+    (a padded word's last columns would read the next row, or past the end of x)."""
+    if EVEN_K:
+        return m < M
+    return (m < M) & (k < K)
+
+
+@triton.jit
 def _gemv_chunk(words, zf, s, x_ptr, stride_xm, m0, M, k0, K, BLOCK_M: tl.constexpr,
                 EVEN_K: tl.constexpr):
     """(BLOCK_N, BLOCK_M) fp32 partial out for one K-chunk on CUDA cores, BLOCK_M in {1, 2}.
@@ -39,10 +48,6 @@ def _gemv_chunk(words, zf, s, x_ptr, stride_xm, m0, M, k0, K, BLOCK_M: tl.conste
     Per weight: LOP3, FADD (u - z), one FFMA per activation row."""
     offs_x = k0 + 8 * tl.arange(0, words.shape[1])
     zero = tl.zeros_like(offs_x)  # row bounds as tensors: the interpreter rejects scalar masks
-    if EVEN_K:
-        k_in = offs_x >= 0
-    else:
-        k_in = offs_x < K
     row0 = x_ptr + m0 * stride_xm + offs_x
     row1 = row0 + stride_xm
     hi = words >> 16
@@ -50,10 +55,12 @@ def _gemv_chunk(words, zf, s, x_ptr, stride_xm, m0, M, k0, K, BLOCK_M: tl.conste
     part1 = tl.zeros(words.shape, dtype=tl.float32)
     for i in tl.static_range(8):
         w = int4_plane(words, hi, zf, i)
-        x0 = tl.load(row0 + i, mask=k_in & (zero + m0 < M), other=0.0).to(tl.float32)
+        x0 = tl.load(row0 + i, mask=_x_in(offs_x + i, zero + m0, M, K, EVEN_K), other=0.0)
+        x0 = x0.to(tl.float32)
         part0 += w * x0[None, :]
         if BLOCK_M == 2:
-            x1 = tl.load(row1 + i, mask=k_in & (zero + m0 + 1 < M), other=0.0).to(tl.float32)
+            x1 = tl.load(row1 + i, mask=_x_in(offs_x + i, zero + m0 + 1, M, K, EVEN_K),
+                         other=0.0).to(tl.float32)
             part1 += w * x1[None, :]
     cols = tl.arange(0, BLOCK_M)[None, :]
     out = tl.where(cols == 0, (tl.sum(part0, axis=1) * s)[:, None], 0.0)

@@ -53,18 +53,20 @@ def _run(weight, m, dtype, bias, plan, device="cpu"):
 
 
 # (N, K, group, symmetric, M, plan): every kernel variant on odd shapes, ragged last groups
-# (K=200/gs 64: 8 columns; K=96/gs 64: 32), split-K forced on and off.
+# (K=200/gs 64: 8 columns; K=96/gs 64: 32; K=204: words padded), split-K forced on and off.
 CASES = [
     (48, 96, 32, True, 1, Plan("gemv", block_m=1, block_n=16, block_k=32, split_k=2)),
     (48, 200, 64, False, 1, Plan("gemv", block_m=1, block_n=32)),
+    (48, 204, 32, False, 3, Plan("gemv", block_m=2, block_n=32)),  # K % 8 = 4: padded words
     (48, 160, 32, False, 3, Plan("gemv", block_m=2, block_n=16, split_k=3)),
     (48, 96, 64, True, 2, Plan("gemv", block_m=2, block_n=64, split_k=1)),
     (48, 200, 64, False, 3, Plan("dot", block_m=16, block_n=32, split_k=3)),
     (48, 160, 32, True, 17, Plan("dot", block_m=16, block_n=16, split_k=1)),
+    (48, 204, 64, False, 3, Plan("dot", block_m=16, block_n=32, split_k=2)),
     (48, 96, 64, False, 17, Plan("dot", block_m=16, block_n=32, scale_in_tile=True)),
     (48, 200, 64, True, 5, Plan("dot", block_m=16, block_n=32, split_k=2, scale_in_tile=True)),
     (48, 200, 64, False, 17, Plan("dequant")),
-    (48, 160, 32, True, 3, Plan("dequant")),
+    (48, 204, 32, True, 3, Plan("dequant")),
 ]
 
 
@@ -112,13 +114,15 @@ def test_supports_names_the_problem():
     assert "int64" in supports(torch.zeros(2, 96, dtype=torch.int64), weight)
 
 
-GPU_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
+# (N, K, dtype): every Llama-3-8B shape in bf16, fp16 on one
+GPU_SHAPES = [(4096, 4096, torch.bfloat16), (14336, 4096, torch.bfloat16),
+              (4096, 14336, torch.bfloat16), (4096, 4096, torch.float16)]
 
 
 @on_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("n,k", GPU_SHAPES, ids=[f"{n}x{k}" for n, k in GPU_SHAPES])
+@pytest.mark.parametrize("n,k,dtype", GPU_SHAPES,
+                         ids=[f"{n}x{k}-{str(d)[6:]}" for n, k, d in GPU_SHAPES])
 @pytest.mark.parametrize("gs,symmetric", [(128, False), (64, True), (32, False)])
 def test_int4_gpu_default_plans(n, k, gs, symmetric, dtype):
     torch.manual_seed(n + k + gs)

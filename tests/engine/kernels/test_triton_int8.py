@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from lowbit.engine.kernels import registry  # noqa: E402
+from lowbit.engine.kernels import registry, triton_backend  # noqa: E402,F401  (registers)
 from lowbit.engine.kernels.triton_common import Plan, interpreting  # noqa: E402
 from lowbit.engine.kernels.triton_int8_matmul import int8_matmul  # noqa: E402
 from lowbit.quant.formats import Int8Weight  # noqa: E402
@@ -84,13 +84,15 @@ def test_dispatch_keeps_leading_dims():
     assert _rel_err(out, ref) < TOL[torch.float16]
 
 
-GPU_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
+# (N, K, dtype): every Llama-3-8B shape in bf16, fp16 on one
+GPU_SHAPES = [(4096, 4096, torch.bfloat16), (14336, 4096, torch.bfloat16),
+              (4096, 14336, torch.bfloat16), (4096, 4096, torch.float16)]
 
 
 @on_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("n,k", GPU_SHAPES, ids=[f"{n}x{k}" for n, k in GPU_SHAPES])
+@pytest.mark.parametrize("n,k,dtype", GPU_SHAPES,
+                         ids=[f"{n}x{k}-{str(d)[6:]}" for n, k, d in GPU_SHAPES])
 @pytest.mark.parametrize("gs", [None, 128], ids=["per-channel", "g128"])
 def test_int8_gpu_default_plans(n, k, gs, dtype):
     torch.manual_seed(n + k)

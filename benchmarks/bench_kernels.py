@@ -1,0 +1,241 @@
+"""Quantized-linear kernels against the baselines, on Llama-3-8B-shaped layers (GPU only).
+
+For each method and activation rows M, the seven linears of a decoder layer (q, k, v, o, gate,
+up, down) run over `--layers` distinct layers of random weights (8 x 0.44 GB in bf16, so nothing
+is reused from the 50 MB L2) inside one CUDA graph; a row reports microseconds per layer, the
+achieved GB/s of the bytes the method must read (weights at their real width + scales + zero
+points + activations), TFLOP/s, and the speed-up over bf16 cuBLAS in the same run.
+
+    python benchmarks/bench_kernels.py [--out DIR] [--m 1,4,16,64,512,2048] [--sweep]
+
+--sweep first times candidate kernel plans of lowbit int4 g128 and int8 per layer shape and M
+(the measurements behind default_plan); its table goes to sweep.json beside kernels.json.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import format_table, graph_bench_us, measure_limits, write_results  # noqa: E402
+
+from lowbit.engine.kernels.triton_backend import dequant_matmul  # noqa: E402
+from lowbit.engine.kernels.triton_common import Plan  # noqa: E402
+from lowbit.quant.formats import Int4Weight, Int8Weight  # noqa: E402
+
+LINEARS = [("q", 4096, 4096), ("k", 1024, 4096), ("v", 1024, 4096), ("o", 4096, 4096),
+           ("gate", 14336, 4096), ("up", 14336, 4096), ("down", 4096, 14336)]  # (name, N, K)
+M_VALUES = (1, 4, 16, 64, 512, 2048)
+DTYPE = torch.bfloat16
+
+
+class Method:
+    """prepare(w bf16 (N, K)) -> state; run(x (M, K), state) -> (M, N); nbytes(state): the
+    weight-side bytes a call must read."""
+
+    def __init__(self, name, prepare, run, nbytes):
+        self.name, self.prepare, self.run, self.nbytes = name, prepare, run, nbytes
+
+
+def _lowbit(name, quantize):
+    return Method(name, quantize, lambda x, w: dequant_matmul(x, w), lambda w: w.nbytes)
+
+
+def _tinygemm_prepare(w):
+    """torch's int4 (tinygemm) layout from the same integer codes as lowbit int4 g128:
+    nibbles with the even input index high, scales_and_zeros (G, N, 2) with w = (u-8)*s + zf,
+    so lowbit's zero point z maps to zf = (8 - z) * s."""
+    f = Int4Weight.quantize(w, 128, symmetric=False)
+    u = f.unpacked()  # (N, K) uint8
+    packed = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]), 8)
+    s = f.scales.float()
+    sz = torch.stack([s, (8 - f.zeros.float()) * s], dim=-1)  # (N, G, 2)
+    return packed, sz.transpose(0, 1).contiguous().to(DTYPE), w.shape
+
+
+def _bnb_methods():
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        print(f"note: bitsandbytes is not importable ({e}); its rows are skipped")
+        return []
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # LLM.int8 warns on every bf16 call
+
+    def nf4_prepare(w):
+        return bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4")
+
+    def nf4_bytes(state):
+        packed, qs = state
+        return packed.numel() * packed.element_size() + qs.absmax.numel() * qs.absmax.element_size()
+
+    def int8_prepare(w):
+        state = bnb.MatmulLtState()
+        state.CB, state.SCB, _ = bnb.functional.int8_vectorwise_quant(w.to(torch.float16))
+        state.threshold, state.has_fp16_weights, state.is_training = 6.0, False, False
+        return state
+
+    return [
+        Method("bnb-nf4", nf4_prepare,
+               lambda x, st: bnb.matmul_4bit(x, st[0].t(), quant_state=st[1]), nf4_bytes),
+        Method("bnb-llm-int8", int8_prepare,
+               lambda x, st: bnb.matmul(x, st.CB, state=st, threshold=6.0),
+               lambda st: st.CB.numel() + st.SCB.numel() * st.SCB.element_size()),
+    ]
+
+
+def methods() -> list[Method]:
+    return [
+        Method("bf16-cublas", lambda w: w, lambda x, w: F.linear(x, w),
+               lambda w: w.numel() * w.element_size()),
+        _lowbit("lowbit-int8", lambda w: Int8Weight.quantize(w, None)),
+        _lowbit("lowbit-int4-g128", lambda w: Int4Weight.quantize(w, 128, symmetric=False)),
+        _lowbit("lowbit-int4-g64", lambda w: Int4Weight.quantize(w, 64, symmetric=False)),
+        Method("torch-int4-tinygemm", _tinygemm_prepare,
+               lambda x, st: torch.ops.aten._weight_int4pack_mm(x, st[0], 128, st[1]),
+               lambda st: st[0].numel() * st[0].element_size() + st[1].numel() * 2),
+        *_bnb_methods(),
+    ]
+
+
+def random_weights(layers: int) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    return [{name: torch.randn(n, k, device="cuda", dtype=DTYPE, generator=gen) * 0.02
+             for name, n, k in LINEARS} for _ in range(layers)]
+
+
+def inputs(layers: int, m: int) -> list[dict[int, torch.Tensor]]:
+    """Per layer, one activation per input width (4096, 14336): rotated with the weights."""
+    return [{k: torch.randn(m, k, device="cuda", dtype=DTYPE) for k in (4096, 14336)}
+            for _ in range(layers)]
+
+
+def check_method(method: Method, w: torch.Tensor, state) -> float:
+    """Relative error of the method's output against bf16 on this weight (a sanity check that
+    each baseline computes the same product; int4 lands near 0.1, int8 near 0.01)."""
+    x = torch.randn(8, w.shape[1], device="cuda", dtype=DTYPE)
+    ref = F.linear(x.float(), w.float())
+    return ((method.run(x, state).float() - ref).norm() / ref.norm()).item()
+
+
+def bench_methods(weights, m_values) -> tuple[list[dict], dict]:
+    layers = len(weights)
+    rows, checks = [], {}
+    bf16_us = {}
+    for method in methods():
+        states = [{name: method.prepare(w[name]) for name, _, _ in LINEARS} for w in weights]
+        checks[method.name] = round(check_method(method, weights[0]["q"], states[0]["q"]), 4)
+        weight_bytes = sum(method.nbytes(states[0][name]) for name, _, _ in LINEARS)
+        for m in m_values:
+            xs = inputs(layers, m)
+
+            def run_all():
+                for layer, x in zip(states, xs):
+                    for name, _, k in LINEARS:
+                        method.run(x[k], layer[name])
+
+            us, graphed = graph_bench_us(run_all)
+            us /= layers
+            act_bytes = sum(m * k * 2 for _, _, k in LINEARS)
+            flops = sum(2 * m * n * k for _, n, k in LINEARS)
+            if method.name == "bf16-cublas":
+                bf16_us[m] = us
+            rows.append({"bench": "linear", "method": method.name, "M": m, "us": round(us, 2),
+                         "GBps": round((weight_bytes + act_bytes) / us / 1e3, 1),
+                         "TFLOPs": round(flops / us / 1e6, 2),
+                         "speedup_vs_bf16": round(bf16_us[m] / us, 3),
+                         **({} if graphed else {"timing": "eager"})})
+            del xs
+        del states
+        torch.cuda.empty_cache()
+    return rows, checks
+
+
+SWEEP_PLANS = {
+    1: [Plan("gemv", 1, 64), Plan("gemv", 1, 128), Plan("gemv", 1, 256),
+        Plan("gemv", 1, 128, split_k=8), Plan("gemv", 1, 256, num_warps=8),
+        Plan("dot", 16, 64, num_stages=3), Plan("dot", 16, 128, num_stages=3)],
+    4: [Plan("gemv", 2, 128), Plan("dot", 16, 64, num_stages=3), Plan("dot", 16, 128, num_stages=3),
+        Plan("dot", 16, 128, num_stages=4, scale_in_tile=True)],
+    16: [Plan("dot", 16, 64, num_stages=3), Plan("dot", 16, 128, num_stages=3),
+         Plan("dot", 16, 128, num_stages=4, scale_in_tile=True),
+         Plan("dot", 16, 256, num_warps=8, num_stages=3)],
+    64: [Plan("dot", 64, 64, num_stages=3), Plan("dot", 64, 128, num_warps=8, num_stages=3),
+         Plan("dot", 64, 128, num_warps=8, num_stages=3, scale_in_tile=True), Plan("dequant")],
+    512: [Plan("dequant"), Plan("dot", 128, 128, num_warps=8, num_stages=3),
+          Plan("dot", 128, 128, num_warps=8, num_stages=3, scale_in_tile=True),
+          Plan("dot", 64, 128, num_warps=4, num_stages=4, scale_in_tile=True)],
+    2048: [Plan("dequant"), Plan("dot", 128, 128, num_warps=8, num_stages=3),
+           Plan("dot", 128, 128, num_warps=8, num_stages=3, scale_in_tile=True),
+           Plan("dot", 128, 128, num_warps=8, num_stages=4, scale_in_tile=True)],
+}
+
+
+def sweep(weights, m_values) -> list[dict]:
+    """Per (format, layer shape, M, plan): microseconds per call, rotating over the layers."""
+    formats = {"int4-g128": lambda w: Int4Weight.quantize(w, 128, symmetric=False),
+               "int8": lambda w: Int8Weight.quantize(w, None)}
+    shapes = {(n, k): name for name, n, k in LINEARS}  # k and v share a shape
+    rows = []
+    for fmt, quantize in formats.items():
+        for (n, k), name in shapes.items():
+            qs = [quantize(w[name]) for w in weights]
+            for m in m_values:
+                xs = [torch.randn(m, k, device="cuda", dtype=DTYPE) for _ in qs]
+                for plan in SWEEP_PLANS.get(m, []):
+                    def run_all():
+                        for x, q in zip(xs, qs):
+                            dequant_matmul(x, q, None, plan)
+                    try:
+                        us = graph_bench_us(run_all, warmup_ms=10, rep_ms=40)[0] / len(qs)
+                    except Exception as e:  # a plan the compiler rejects is a result too
+                        rows.append({"format": fmt, "shape": f"{n}x{k}", "M": m, "plan": str(plan),
+                                     "us": None, "error": type(e).__name__})
+                        continue
+                    nbytes = qs[0].nbytes + m * k * 2
+                    rows.append({"format": fmt, "shape": f"{n}x{k}", "M": m, "plan": str(plan),
+                                 "us": round(us, 2), "GBps": round(nbytes / us / 1e3, 1),
+                                 "TFLOPs": round(2 * m * n * k / us / 1e6, 2)})
+            del qs
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="directory for the JSON (default benchmarks/results/<card>)")
+    ap.add_argument("--m", default=",".join(map(str, M_VALUES)))
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--sweep", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("bench_kernels needs CUDA and the Triton compiler (TRITON_INTERPRET unset)")
+    m_values = [int(v) for v in args.m.split(",")]
+    limits = measure_limits()
+    print(f"limits: {limits}")
+    weights = random_weights(args.layers)
+    if args.sweep:
+        sweep_rows = sweep(weights, m_values)
+        write_results("sweep", [], limits, args.out, sweep=sweep_rows)
+        best = {}
+        for r in sweep_rows:
+            key = (r["format"], r["shape"], r["M"])
+            if r["us"] is not None and (key not in best or r["us"] < best[key]["us"]):
+                best[key] = r
+        print(format_table(sweep_rows, ["format", "shape", "M", "plan", "us", "GBps", "TFLOPs"]))
+        print("\nbest per shape:")
+        print(format_table(list(best.values()),
+                           ["format", "shape", "M", "plan", "us", "GBps", "TFLOPs"]))
+    rows, checks = bench_methods(weights, m_values)
+    path = write_results("kernels", rows, limits, args.out, checks_rel_err=checks)
+    print(f"\nrelative error vs bf16 (q_proj, M=8): {checks}")
+    print(f"wrote {path}\n")
+    print(format_table(rows, ["method", "M", "us", "GBps", "TFLOPs", "speedup_vs_bf16"]))
+
+
+if __name__ == "__main__":
+    main()
