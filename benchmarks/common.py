@@ -30,7 +30,10 @@ def card_slug(name: str) -> str:
 
 
 def git_commit() -> str:
-    """HEAD of the checkout the benchmark runs from, '+dirty' when tracked files differ."""
+    """HEAD of the checkout the benchmark runs from, '+dirty' when tracked files differ;
+    LOWBIT_COMMIT overrides (a copy of the tree without its .git, on a remote machine)."""
+    if os.environ.get("LOWBIT_COMMIT"):
+        return os.environ["LOWBIT_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root,
@@ -38,7 +41,7 @@ def git_commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                cwd=root, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("LOWBIT_COMMIT", "unknown")
+        return "unknown"
     return head + ("+dirty" if dirty.strip() else "")
 
 
