@@ -59,4 +59,5 @@ def named_config(name_or_path: str) -> tuple[str, ModelConfig]:
         cfg = json.loads(path.read_text())
     except ValueError as e:
         raise UnsupportedModelError(f"{path} is not valid JSON: {e}") from None
-    return path.parent.name or str(path), ModelConfig.from_hf(cfg)
+    label = path.parent.name if path.name == "config.json" else path.stem
+    return label or str(path), ModelConfig.from_hf(cfg)

@@ -94,30 +94,28 @@ def analytic_layout(cfg: ModelConfig, weights: str, dtype_bytes: int,
                     keep_16bit: tuple[str, ...] = DEFAULT_KEEP_16BIT,
                     double_quant: bool = True) -> WeightLayout:
     """The layout `weights` gives `cfg`, counted from the format rules of linear_format_bytes.
-    A tied lm_head reads the (16-bit) embedding table."""
+    A tied lm_head is quantized from the embedding like any linear (as the module swap and the
+    checkpoint do) unless a keep_16bit pattern names it; then it reads the embedding table."""
     keep = QuantConfig(weight_bits=16, keep_16bit=keep_16bit).keeps_16bit
+    shapes = dict(cfg.linear_shapes())
+    if cfg.tie_word_embeddings:
+        shapes["lm_head"] = (cfg.vocab_size, cfg.hidden_size)
     per_linear = {}
-    for name, (out_f, in_f) in cfg.linear_shapes().items():
+    for name, (out_f, in_f) in shapes.items():
         fmt = "16" if keep(name) else weights
         per_linear[name] = linear_format_bytes(fmt, out_f, in_f, dtype_bytes, group_size,
                                                symmetric, double_quant)
         if cfg.has_bias(name):
             per_linear[name] += out_f * dtype_bytes
-    if cfg.tie_word_embeddings:
-        per_linear["lm_head"] = cfg.vocab_size * cfg.hidden_size * dtype_bytes
     label = weights if weights != "16" else f"16 ({dtype_bytes * 8}-bit)"
     return WeightLayout(label, per_linear, cfg.hidden_size * dtype_bytes,
                         (2 * cfg.num_layers + 1) * cfg.hidden_size * dtype_bytes)
 
 
 def _stored_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
-    """Parameters, buffers and the tensors of any weight-format object a module holds."""
-    tensors = list(module.parameters()) + list(module.buffers())
-    for sub in module.modules():
-        for value in vars(sub).values():
-            if hasattr(value, "tensors") and callable(value.tensors):
-                tensors.extend(t for t in value.tensors().values() if isinstance(t, torch.Tensor))
-    return tensors
+    """Parameters and buffers: QuantizedLinear and the bitsandbytes linears keep every stored
+    tensor (packed weights, scales, zero points, quant state) as one or the other."""
+    return list(module.parameters()) + list(module.buffers())
 
 
 def _unique_nbytes(tensors) -> int:

@@ -68,10 +68,14 @@ def test_quantized_formats_count_their_scales_and_zeros():
         linear_format_bytes("int3", 8, 32, 2)
 
 
-def test_tied_embedding_is_lm_head_and_stays_16bit():
+def test_tied_lm_head_is_quantized_from_the_embedding_unless_kept():
     _, cfg = named_config("smollm2-135m")
-    layout = analytic_layout(cfg, "int4", dtype_bytes=2, group_size=64)
-    assert layout.linear_bytes["lm_head"] == cfg.vocab_size * cfg.hidden_size * 2
+    v, h = cfg.vocab_size, cfg.hidden_size
+    int4 = analytic_layout(cfg, "int4", dtype_bytes=2, group_size=64)
+    assert int4.linear_bytes["lm_head"] == linear_format_bytes("int4", v, h, 2, group_size=64)
+    kept = analytic_layout(cfg, "int4", dtype_bytes=2, group_size=64,
+                           keep_16bit=("model.embed_tokens", "lm_head"))
+    assert kept.linear_bytes["lm_head"] == v * h * 2
 
 
 def test_model_layout_reads_the_stored_tensors():
@@ -115,3 +119,21 @@ def test_report_achieved_rates_and_shares():
     text = format_phase_report(r)
     assert "prefill" in text and "decode" in text and "memory-bound" in text
     assert "ridge 10.0 FLOP/byte" in text
+
+
+@pytest.mark.parametrize("weights,group,symmetric", [("16", None, False), ("int8", None, True),
+                                                     ("int4", 32, False), ("int4", 16, True)])
+def test_counted_layout_equals_the_bytes_a_quantized_model_stores(weights, group, symmetric):
+    from lowbit.engine.random_model import random_model
+    from lowbit.quant.config import QuantConfig
+
+    # tied, with a ragged last group (48 = 32 + 16) and qkv biases
+    cfg = ModelConfig.from_hf({
+        "model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "tie_word_embeddings": True})
+    quant = None if weights == "16" else QuantConfig(
+        weight_bits=int(weights[3:]), group_size=group, symmetric=symmetric)
+    model = random_model(cfg, torch.device("cpu"), torch.float16, quant)
+    counted = analytic_layout(cfg, weights, 2, group_size=group, symmetric=symmetric)
+    assert model_layout(model, weights).linear_bytes == counted.linear_bytes
