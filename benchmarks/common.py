@@ -90,16 +90,31 @@ def measure_limits() -> dict[str, float]:
             "matmul_TFLOPs": round(measure_matmul_TFLOPs(), 1)}
 
 
+def run_header(limits) -> dict:
+    """{card, commit, date, torch, limits} for a results file written by hand; `limits` is a
+    dict or an object with copy_GBps and matmul_TFLOPs attributes."""
+    if not isinstance(limits, dict):
+        limits = {"copy_GBps": limits.copy_GBps, "matmul_TFLOPs": limits.matmul_TFLOPs}
+    card = card_name() if torch.cuda.is_available() else "cpu"
+    return {"card": card, "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "limits": limits}
+
+
+def results_path(name: str, card: str | None = None) -> Path:
+    """benchmarks/results/<card-slug>/<name>, the folder created; card defaults to this GPU."""
+    directory = RESULTS / card_slug(card or card_name())
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / name
+
+
 def write_results(name: str, rows: list[dict], limits: dict[str, float],
                   out_dir: str | Path | None = None, **extra) -> Path:
     """Write {card, commit, date, torch, limits, rows, **extra} to <out_dir or
     results/<card-slug>>/<name>.json through a temporary file and a rename."""
-    card = card_name()
-    directory = Path(out_dir) if out_dir else RESULTS / card_slug(card)
+    directory = Path(out_dir) if out_dir else RESULTS / card_slug(card_name())
     directory.mkdir(parents=True, exist_ok=True)
-    doc = {"card": card, "commit": git_commit(),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "limits": limits, "rows": rows, **extra}
+    doc = {**run_header(limits), "rows": rows, **extra}
     path = directory / f"{name}.json"
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:

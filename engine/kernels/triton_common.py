@@ -133,6 +133,18 @@ def unpack_int8(words):
 
 
 @triton.jit
+def load_words(w_ptrs, c, c_end, n_mask, offs_w, stride_wn, EVEN_K: tl.constexpr):
+    """K-chunk c of a (BLOCK_N, WORDS) int32 weight tile; zeros when c >= c_end (a prefetch
+    past the last chunk) or past the row's last word. The chunk test is uniform along a row, so
+    the loads stay 16 bytes wide."""
+    WORDS: tl.constexpr = offs_w.shape[0]
+    live = (tl.zeros_like(offs_w) + c) < c_end
+    if not EVEN_K:
+        live = live & ((c * WORDS + offs_w) < stride_wn)
+    return tl.load(w_ptrs + c * WORDS, mask=n_mask[:, None] & live[None, :], other=0)
+
+
+@triton.jit
 def _store_tile(acc, offs_n, offs_m, N, M, out_ptr, stride_om, bias_ptr, HAS_BIAS: tl.constexpr):
     """acc (BLOCK_N, BLOCK_M) fp32 -> out[m, n] in out's dtype, plus bias[n]."""
     if HAS_BIAS:
@@ -174,9 +186,12 @@ class Plan:
                    "dot": fused, weight tiles dequantized in registers feeding tl.dot;
                    "dequant": dequantize the layer into the per-device scratch, then cuBLAS.
     block_m/n/k    output tile rows (activations), columns (weights), K per loop step.
-    split_k        programs per output tile along K; None picks one that fills the SMs.
+    split_k        programs per output tile along K; None picks one that puts `waves` programs
+                   on each SM (pick_split_k).
     scale_in_tile  "dot" only: scale the weight tile before the dot (one accumulating dot chain,
                    w rounded to the activation dtype) instead of scaling each K-step's dot result.
+    prefetch       "gemv" only: load chunk c + 1's words before computing chunk c (the "dot"
+                   path gets this from Triton's cp.async pipelining, num_stages).
     """
 
     path: str
@@ -184,9 +199,11 @@ class Plan:
     block_n: int = 64
     block_k: int = 128
     split_k: int | None = None
+    waves: float = 4.0
     num_warps: int = 4
     num_stages: int = 2
     scale_in_tile: bool = False
+    prefetch: bool = False
 
     def __post_init__(self):
         if self.path not in ("gemv", "dot", "dequant"):
@@ -195,7 +212,7 @@ class Plan:
     def __str__(self) -> str:
         if self.path == "dequant":
             return "dequant+cublas"
-        split = "auto" if self.split_k is None else self.split_k
-        extra = ",sit" if self.scale_in_tile else ""
+        split = f"auto{self.waves:g}" if self.split_k is None else self.split_k
+        extra = (",sit" if self.scale_in_tile else "") + (",pf" if self.prefetch else "")
         return (f"{self.path}(m{self.block_m},n{self.block_n},k{self.block_k},split{split},"
                 f"w{self.num_warps},s{self.num_stages}{extra})")

@@ -18,8 +18,8 @@ from torch import Tensor
 
 from lowbit.quant.formats import Int8Weight
 
-from .triton_common import (Plan, buffer, finish_tile, int8_plane, pick_split_k,
-                            split_k_buffers, unpack_int8)
+from .triton_common import (Plan, buffer, finish_tile, int8_plane, load_words,
+                            pick_split_k, split_k_buffers, unpack_int8)
 
 REPACK_KEY = "triton"
 
@@ -68,7 +68,7 @@ def _int8_matmul_kernel(
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
         USE_DOT: tl.constexpr, SCALE_IN_TILE: tl.constexpr, EVEN_K: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr):
     """Like the int4 kernel. GROUP_SIZE 0 means per-channel: the whole K sum is scaled once at
     the end; otherwise BLOCK_K divides GROUP_SIZE and each chunk's partial is scaled."""
     pid = tl.program_id(0)
@@ -89,13 +89,15 @@ def _int8_matmul_kernel(
     c_start = pid_k * chunks_per_split
     c_end = tl.minimum(c_start + chunks_per_split, tl.cdiv(K, BLOCK_K))
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if PREFETCH:
+        ahead = load_words(w_ptrs, c_start, c_end, n_mask, offs_w, stride_wn, EVEN_K)
     for c in range(c_start, c_end):
         k0 = c * BLOCK_K
-        if EVEN_K:
-            words = tl.load(w_ptrs + c * WORDS, mask=n_mask[:, None], other=0)
+        if PREFETCH:
+            words = ahead
+            ahead = load_words(w_ptrs, c + 1, c_end, n_mask, offs_w, stride_wn, EVEN_K)
         else:
-            w_in = (c * WORDS + offs_w) < stride_wn
-            words = tl.load(w_ptrs + c * WORDS, mask=n_mask[:, None] & w_in[None, :], other=0)
+            words = load_words(w_ptrs, c, c_end, n_mask, offs_w, stride_wn, EVEN_K)
         if GROUP_SIZE == 0:
             s = tl.full((BLOCK_N,), 1.0, tl.float32)
         else:
@@ -166,14 +168,14 @@ def packed(weight: Int8Weight) -> dict[str, Tensor]:
 
 
 def default_plan(m: int, n: int, k: int, group_size: int | None) -> Plan:
-    """Hand-picked per shape class; see benchmarks/NOTES-kernels.md for the measurements."""
+    """Hand-picked per shape class from the H100 sweep (benchmarks/NOTES-kernels.md)."""
     block_k = min(group_size or 128, 128)
-    if m <= 2:
-        return Plan("gemv", block_m=triton.next_power_of_2(m), block_n=64, block_k=block_k,
-                    num_warps=4, num_stages=2)
+    if m == 1:
+        return Plan("gemv", block_m=1, block_n=128, block_k=block_k)
+    if m <= 16:
+        return Plan("dot", block_m=16, block_n=64, block_k=block_k, num_stages=3)
     if m <= 64:
-        return Plan("dot", block_m=max(16, triton.next_power_of_2(m)), block_n=64,
-                    block_k=block_k, num_warps=4, num_stages=3)
+        return Plan("dot", block_m=64, block_n=64, block_k=block_k, num_stages=3)
     return Plan("dequant")
 
 
@@ -201,7 +203,7 @@ def int8_matmul(x: Tensor, weight: Int8Weight, bias: Tensor | None, out: Tensor,
 
     tiles = triton.cdiv(m, plan.block_m) * triton.cdiv(n, plan.block_n)
     chunks = triton.cdiv(k, block_k)
-    split = plan.split_k or pick_split_k(tiles, chunks, x.device)
+    split = plan.split_k or pick_split_k(tiles, chunks, x.device, plan.waves)
     per_split = triton.cdiv(chunks, split)
     split = triton.cdiv(chunks, per_split)  # no empty splits
     ws, locks = split_k_buffers(x.device, split, m, n, tiles)
@@ -212,5 +214,6 @@ def int8_matmul(x: Tensor, weight: Int8Weight, bias: Tensor | None, out: Tensor,
         SPLIT_K=split, HAS_BIAS=bias is not None, USE_DOT=plan.path == "dot",
         SCALE_IN_TILE=plan.scale_in_tile, EVEN_K=even_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=plan.num_warps, num_stages=plan.num_stages)
+        PREFETCH=plan.prefetch and plan.path == "gemv", num_warps=plan.num_warps,
+        num_stages=plan.num_stages)
     return out

@@ -57,6 +57,8 @@ CASES = [
     (48, 202, None, 3, Plan("gemv", block_m=2, block_n=32)),
     (48, 200, 64, 1, Plan("gemv", block_m=1, block_n=32, split_k=3)),
     (48, 160, 32, 2, Plan("gemv", block_m=2, block_n=64, split_k=1)),
+    (48, 202, None, 3, Plan("gemv", block_m=2, block_n=16, split_k=2, prefetch=True)),
+    (48, 200, 64, 1, Plan("gemv", block_m=1, block_n=32, prefetch=True)),
     (48, 202, None, 17, Plan("dot", block_m=16, block_n=32, split_k=3)),
     (48, 200, 64, 3, Plan("dot", block_m=16, block_n=16, split_k=2)),
     (48, 96, 32, 17, Plan("dot", block_m=16, block_n=32, scale_in_tile=True)),
@@ -105,6 +107,7 @@ def test_int8_gpu_default_plans(n, k, gs, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("plan", [Plan("gemv", block_m=2, block_n=128),
+                                  Plan("gemv", block_m=1, block_n=64, prefetch=True, waves=8),
                                   Plan("dot", block_m=16, block_n=128, split_k=4),
                                   Plan("dot", block_m=128, block_n=128, num_warps=8,
                                        num_stages=3),
@@ -112,5 +115,5 @@ def test_int8_gpu_default_plans(n, k, gs, dtype):
 def test_int8_gpu_every_path(plan, dtype):
     torch.manual_seed(7)
     weight = _weight(4096, 4096, None, dtype, device="cuda")
-    m = 2 if plan.path == "gemv" else 200
+    m = plan.block_m if plan.path == "gemv" else 200
     assert _run(weight, m, dtype, bias=True, plan=plan, device="cuda") < TOL[dtype]
