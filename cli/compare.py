@@ -108,11 +108,10 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from lowbit.cli.errors import user_error_types
+    from lowbit.cli.errors import USER_ERRORS
     from lowbit.engine.evaluate import EvaluationError
-    from lowbit.engine.tokenizer import TokenizerError
     from lowbit.quant.text import TextError
-    return (TextError, EvaluationError, TokenizerError, *user_error_types())
+    return (TextError, EvaluationError, *USER_ERRORS)
 
 
 @click.command()
