@@ -168,10 +168,22 @@ def packed(weight: Int8Weight) -> dict[str, Tensor]:
 
 
 def default_plan(m: int, n: int, k: int, group_size: int | None) -> Plan:
-    """Hand-picked per shape class from the H100 sweep (benchmarks/NOTES-kernels.md)."""
+    """Picked per shape class from the H100 sweeps of benchmarks/bench_kernels.py --sweep
+    (numbers in benchmarks/NOTES-kernels.md and results/nvidia-h100-80gb-hbm3/sweep.json)."""
     block_k = min(group_size or 128, 128)
+    # H100, M=1, int8 (us per layer shape, 8 rotating copies): 4096x4096 12.1, 1024x4096 7.5
+    # (n64 + prefetch); 14336x4096 27.3 (n64 + prefetch, 8 programs per SM); 4096x14336 27.7.
     if m == 1:
-        return Plan("gemv", block_m=1, block_n=128, block_k=block_k)
+        if n >= 8192:
+            return Plan("gemv", block_m=1, block_n=64, block_k=block_k, prefetch=True, waves=8)
+        if k >= 8192:  # down_proj 4096x14336: 27.7 us vs 28.7 at n64
+            return Plan("gemv", block_m=1, block_n=128, block_k=block_k, prefetch=True)
+        return Plan("gemv", block_m=1, block_n=64, block_k=block_k, prefetch=True)
+    # M=2..16: the tl.dot path with 16-row tiles beat the 2-row GEMV (22 vs 14 us at 4096x4096,
+    # M=4, int4) and 32/128-column tiles; M<=64: 64-row tiles were within 5% of the best everywhere
+    # and beat dequant+cuBLAS by 2x on the 14336-wide layers. Above that dequant+cuBLAS wins
+    # (4096x4096, M=512: 41.7 us vs 78.9 fused; M=2048: 104.4 us = 658 TFLOP/s vs 193 fused,
+    # whose 128x128 tiles stall near 356 TFLOP/s). M=65..511 was not measured.
     if m <= 16:
         return Plan("dot", block_m=16, block_n=64, block_k=block_k, num_stages=3)
     if m <= 64:
