@@ -1,6 +1,10 @@
 """The `lowbit` command group; each command lives in its own module."""
 import click
 
+from lowbit.cli.bench import bench
+from lowbit.cli.calibrate_device import calibrate_device
+from lowbit.cli.compare import compare
+from lowbit.cli.convert import convert
 from lowbit.cli.errors import LowbitGroup
 from lowbit.cli.export_hf import export_hf
 from lowbit.cli.generate import generate
@@ -16,5 +20,5 @@ def cli(verbose):
                         format="%(name)s: %(message)s")
 
 
-for command in (generate, info, export_hf):
+for command in (generate, info, convert, compare, bench, calibrate_device, export_hf):
     cli.add_command(command)
