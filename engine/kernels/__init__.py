@@ -1,9 +1,10 @@
 """lowbit.engine.kernels: the op registry and its backends.
 
-Importing this package registers the torch reference and the CPU packed backend; call
+Importing this package registers every backend (torch reference, CPU packed ops, Triton); call
 `dispatch(op, ...)` to run an op on the best backend for its arguments.
 """
-from . import attention_reference, cpu_packed, reference  # noqa: F401  (import registers the backends)
+from . import (attention_backend, attention_reference, cpu_packed, reference,  # noqa: F401
+               triton_backend)  # (importing registers the backends)
 from .registry import (BackendUnavailable, backends, chosen, dispatch, force_backend, register,
                        use_backend)
 
