@@ -80,7 +80,7 @@ def format_table(comparison) -> str:
     for row in [comparison.reference, *comparison.variants]:
         name = row.variant.name + (" (reference)" if row is comparison.reference else "")
         lines.append([name, _fmt(row.ppl, ".3f"), _fmt(row.ppl_delta_pct, "+.2f"),
-                      _fmt(row.kl_mean, ".5f"), _fmt(row.top1_agreement, ".2f"),
+                      _fmt(row.kl_mean, ".3g"), _fmt(row.top1_agreement, ".2f"),
                       _fmt(row.bits_per_weight, ".2f"), human_bytes(row.weight_bytes),
                       human_bytes(row.kv_bytes_per_token), _fmt(row.prefill_tok_s, ".1f"),
                       _fmt(row.decode_tok_s, ".1f"),

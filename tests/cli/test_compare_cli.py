@@ -92,6 +92,20 @@ def test_compare_prints_a_table_and_writes_every_json_key(tiny, text_file, tmp_p
     assert 4 < int4["bits_per_weight"] < int8["bits_per_weight"] < 16
 
 
+def test_kv_variants_shrink_the_cache(tiny, text_file, tmp_path):
+    out = tmp_path / "cmp.json"
+    result = run(tiny, "--text", text_file, "--weights", "16", "--kv", "16,8,4", "--windows", "2",
+                 "--window-len", "64", "--gen-tokens", "2", "--device", "cpu", "--json", out)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    kv8, kv4 = data["variants"]
+    assert (kv8["name"], kv4["name"]) == ("16 kv8", "16 kv4")
+    assert data["reference"]["kv_bytes_per_token"] > kv8["kv_bytes_per_token"] \
+        > kv4["kv_bytes_per_token"]
+    assert kv8["weight_bytes"] == kv4["weight_bytes"] == data["reference"]["weight_bytes"]
+    assert kv4["kl_mean"] > kv8["kl_mean"] > 0
+
+
 def test_fewer_windows_than_asked_says_so(tiny, text_file, tmp_path):
     out = tmp_path / "cmp.json"
     result = run(tiny, "--text", text_file, "--weights", "int8", "--windows", "1000",
