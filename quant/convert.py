@@ -88,8 +88,16 @@ def quantize_in_row_blocks(w: torch.Tensor, cfg: QuantConfig,
     rows = max(1, block_weights // max(1, w.shape[1]))
     if w.shape[0] <= rows:
         return quantize_weight(w, cfg)
-    parts = [quantize_weight(block, cfg).tensors() for block in w.split(rows)]
-    tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}  # (N, ...)
+    # written into preallocated outputs: collecting the blocks and concatenating them held the
+    # quantized matrix twice (measured on a 32000 x 4096 fp16 lm_head: anonymous memory peaked
+    # 266 MB above the start that way, 69 MB (the output itself) this way)
+    tensors: dict[str, torch.Tensor] = {}
+    for start in range(0, w.shape[0], rows):
+        block = quantize_weight(w[start:start + rows], cfg).tensors()
+        for name, t in block.items():
+            if name not in tensors:
+                tensors[name] = t.new_empty((w.shape[0], *t.shape[1:]))  # (N, ...)
+            tensors[name][start:start + t.shape[0]] = t
     fmt_cls = Int4Weight if cfg.weight_bits == 4 else Int8Weight
     return fmt_cls.from_tensors(tensors, cfg.group_size, w.shape[1], cfg.symmetric)
 
