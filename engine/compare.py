@@ -26,11 +26,12 @@ from typing import Callable
 
 import torch
 
-from lowbit.engine.evaluate import (Tally, Windows, bits_per_weight, check_window_fits,
-                                    next_token_log_probs, split_windows)
+from lowbit.engine.evaluate import (EvaluationError, Tally, Windows, bits_per_weight,
+                                    check_window_fits, next_token_log_probs, split_windows)
 from lowbit.engine.generate import Generation
 from lowbit.engine.load import LoadedModel, load_model
 from lowbit.quant.config import QuantConfig
+from lowbit.quant.sources import is_lowbit_checkpoint
 
 PROMPT_TOKENS = 128  # the speed prompt: the text's first tokens
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -200,6 +201,9 @@ def compare(path, text: str, variants: list[Variant], *, text_label: str, device
             log: Callable[[str], None] = lambda _: None) -> Comparison:
     """The reference (16-bit weights as stored, 16-bit KV) and each variant on the same windows
     of `text`; `variants` must not contain the reference."""
+    if path is not None and is_lowbit_checkpoint(Path(path)):
+        raise EvaluationError(f"{path} is a lowbit checkpoint: compare needs the 16-bit model it "
+                              f"came from (an HF directory or a GGUF file) as the reference")
     reference = load_model(path, device=device, dtype=dtype)
     cfg = reference.config
     check_window_fits(window_len, cfg.max_position_embeddings)

@@ -146,3 +146,10 @@ def test_bad_input_is_one_line_and_writes_no_json(case, tiny, text_file, tmp_pat
     assert_one_line_error(result, *fragments)
     assert not out.exists()
     assert not list(tmp_path.glob(".cmp.json.*"))
+
+
+def test_a_lowbit_checkpoint_is_not_a_reference(tmp_path, text_file):
+    model = write_tiny_llama(tmp_path / "ckpt")
+    (model / "lowbit.json").write_text("{}")
+    result = run(model, "--text", text_file, "--window-len", "64", "--device", "cpu")
+    assert_one_line_error(result, "lowbit checkpoint", "16-bit model it came from")
