@@ -142,7 +142,6 @@ def _decode_dense_int8_kernel(
         dt = q_ptr.dtype.element_ty
         q = tl.load(q_ptr + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
                     mask=offs_g[:, None] < G, other=0.0)  # (G_PAD, D)
-        q = (q.to(tl.float32) * qk_scale).to(dt)  # log2-domain softmax scale folded into q
         m = tl.full((G_PAD,), M_INIT, tl.float32)
         l = tl.zeros((G_PAD,), tl.float32)
         acc = tl.zeros((G_PAD, D), tl.float32)
@@ -157,12 +156,12 @@ def _decode_dense_int8_kernel(
             if KIND == 1:
                 ks = tl.load(ks_ptr + bh * stride_sh + offs_s, mask=valid, other=0.0)
                 vs = tl.load(vs_ptr + bh * stride_sh + offs_s, mask=valid, other=0.0)
-                scores = _dot(q, tl.trans(k.to(dt)), IEEE) * ks.to(tl.float32)[None, :]
+                scores = _dot(q, tl.trans(k.to(dt)), IEEE) * (ks.to(tl.float32) * qk_scale)[None, :]
                 p, alpha, m, l = _online_softmax(scores, valid, m, l)
                 pv = (p * vs.to(tl.float32)[None, :]).to(dt)
                 acc = acc * alpha[:, None] + _dot(pv, v.to(dt), IEEE)
             else:
-                scores = _dot(q, tl.trans(k), IEEE)
+                scores = _dot(q, tl.trans(k), IEEE) * qk_scale  # log2-domain softmax scale
                 p, alpha, m, l = _online_softmax(scores, valid, m, l)
                 acc = acc * alpha[:, None] + _dot(p.to(dt), v, IEEE)
         _finish(acc, m, l, bh, sp, nsplit, out_ptr, stride_ob, stride_oh, ws_ptr, ml_ptr, lock_ptr,
@@ -189,13 +188,12 @@ def _decode_int4_kernel(
         ws_ptr, ml_ptr, lock_ptr, stride_qb, stride_qh, stride_ob, stride_oh,
         stride_kp, stride_kg, stride_kr, stride_vp, stride_vg, qk_scale, window,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-        GV: tl.constexpr, VALUE_GROUP: tl.constexpr, SPLITS: tl.constexpr,
-        MIN_BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):
+        HALF: tl.constexpr, GV: tl.constexpr, VALUE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+        SPLITS: tl.constexpr, MIN_BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        IEEE: tl.constexpr):
     """int4 cache of one layer (engine.kv_quant.Int4KVCache), per (batch, head) bh:
     kp (Sk, D/2) uint8, ks/kz (Gk, D), kr (32, D) 16-bit residual, vp (S, D/2) uint8,
     vs/vz (S, GV); strides are those of the bh axis. Blocks are one 32-token key group."""
-    BLOCK_N: tl.constexpr = 32
-    HALF: tl.constexpr = D // 2
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b0, b1, lo, n, nsplit = _split_range(pos_ptr, window, sp, BLOCK_N, SPLITS, MIN_BLOCKS,
@@ -323,7 +321,7 @@ def decode_attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor
             q, out, positions, kp, ks, kz, kr, vp, vs, vz, ws, ml, locks,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             kp.stride(1), ks.stride(1), kr.stride(1), vp.stride(1), vs.stride(1), qk_scale, win,
-            GV=vs.shape[-1], VALUE_GROUP=VALUE_GROUP, **common)
+            HALF=d // 2, GV=vs.shape[-1], VALUE_GROUP=VALUE_GROUP, BLOCK_N=KEY_GROUP, **common)
         return out
     if isinstance(cache, Int8KVCache):
         k, v, ks, vs, kind = (cache.k[layer], cache.v[layer], cache.k_scale[layer],

@@ -1,0 +1,155 @@
+"""Decode attention alone (one new token, batch 1), Llama-3-8B shape (32 query heads, 8 KV heads,
+head_dim 128), at 1k / 8k / 32k / 128k filled positions: bf16 SDPA against lowbit's Triton
+kernel over bf16, int8 and int4 KV (GPU only).
+
+    python benchmarks/bench_attention.py [--out DIR] [--contexts 1024,8192,32768,131072]
+
+Each timed call runs the op over `layers` distinct layers of the cache inside one CUDA graph
+(enough layers that their K/V exceed the 50 MB L2, as consecutive layers of a real step do),
+and do_bench flushes L2 between repeats; a row reports microseconds per layer and the achieved
+GB/s of the K/V bytes one layer must read at the cache's real width (codes + scales + zeros +
+the int4 residual window), so GB/s compares directly with the device copy bandwidth.
+
+Baseline "sdpa-bf16": torch SDPA over the filled K/V only (length known on the host, the GQA
+group folded into query rows so each K/V byte is read once; flash attention on H100).
+"--sweep" also times launch variants of the lowbit kernels at --sweep-context (default 32k);
+sweep rows carry "config".
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import format_table, graph_bench_us, measure_limits, write_results  # noqa: E402
+
+from lowbit.engine.kernels.triton_decode_attention import decode_attention  # noqa: E402
+from lowbit.engine.kv_cache import create_cache  # noqa: E402
+from lowbit.engine.model_configs import named_config  # noqa: E402
+
+DTYPE = torch.bfloat16
+DEVICE = "cuda"
+L2_SPAN = 256 << 20  # bytes of K/V a timed call walks through: 5x the H100's 50 MB L2
+
+
+def fill_random(cache) -> None:
+    """Random bytes in every buffer (codes, scales, zeros): speed does not depend on values, but
+    zeros can run faster than real data. Scales are drawn positive and small so no overflow."""
+    for name, t in vars(cache).items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.is_floating_point():
+            t.uniform_(0.001, 0.01) if "scale" in name else t.normal_()
+        elif t.dtype == torch.uint8:
+            t.random_(0, 16 if "zero" in name else 256)
+        else:
+            t.random_(-127, 128)
+
+
+def kv_bytes_per_layer(cache, n: int) -> float:
+    """Bytes one layer's attention must read at n filled positions, at the stored width."""
+    per_token = cache.bytes_per_token / cache.num_layers  # steady state, scales included
+    residual = getattr(cache, "residual_nbytes", 0) / cache.num_layers
+    return per_token * n + residual
+
+
+def make_cache(bits: int, cfg, n: int, layers: int):
+    import dataclasses
+    small = dataclasses.replace(cfg, num_layers=layers)
+    cache = create_cache(bits, small, 1, n, DTYPE, DEVICE)
+    fill_random(cache)
+    return cache
+
+
+def time_lowbit(cache, n: int, layers: int, q, **launch) -> float:
+    pos = torch.tensor([n - 1], device=DEVICE)
+
+    def run():
+        for layer in range(layers):
+            decode_attention(q, cache, layer, pos, **launch)
+    us, graphed = graph_bench_us(run)
+    assert graphed, "the decode kernel must be capturable"
+    return us / layers
+
+
+def time_sdpa(cache, n: int, layers: int, q) -> float:
+    b, h, _, d = q.shape
+    hkv = cache.k.shape[2]
+    qg = q.reshape(b, hkv, h // hkv, d)  # (B, Hkv, G, D): the group as query rows
+
+    def run():
+        for layer in range(layers):
+            k, v = cache.k[layer, :, :, :n], cache.v[layer, :, :, :n]
+            F.scaled_dot_product_attention(qg, k, v)
+    us, _ = graph_bench_us(run)
+    return us / layers
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", default="1024,8192,32768,131072")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-context", type=int, default=32768)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    _, cfg = named_config("llama-3-8b")
+    limits = measure_limits()
+    rows = []
+    q = torch.randn(1, cfg.num_heads, 1, cfg.head_dim, device=DEVICE, dtype=DTYPE)
+    for n in (int(c) for c in args.contexts.split(",")):
+        for bits, kv in ((16, "bf16"), (8, "int8"), (4, "int4")):
+            per_layer_16 = 2 * cfg.num_kv_heads * n * cfg.head_dim * 2
+            layers = max(1, min(32, math.ceil(L2_SPAN / per_layer_16 * (16 / bits))))
+            cache = make_cache(bits, cfg, n, layers)
+            nbytes = kv_bytes_per_layer(cache, n)
+            timings = [("lowbit", time_lowbit(cache, n, layers, q))]
+            if bits == 16:
+                timings.append(("sdpa", time_sdpa(cache, n, layers, q)))
+            for method, us in timings:
+                rows.append({"bench": "attention", "method": f"{method}-{kv}", "kv": kv,
+                             "context": n, "us": round(us, 2),
+                             "GBps": round(nbytes / us / 1e3, 1),
+                             "frac_copy": round(nbytes / us / 1e3 / limits["copy_GBps"], 3),
+                             "kv_MB_per_layer": round(nbytes / 1e6, 2), "layers_timed": layers})
+            if args.sweep and n == args.sweep_context:
+                rows += sweep(cache, n, layers, q, kv, nbytes, limits)
+            del cache
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+    path = write_results("attention", rows, limits, args.out,
+                         shape="llama-3-8b: 32 q heads, 8 kv heads, head_dim 128, batch 1")
+    print(format_table([r for r in rows if "config" not in r],
+                       ["method", "context", "us", "GBps", "frac_copy", "kv_MB_per_layer"]))
+    sweep_rows = [r for r in rows if "config" in r]
+    if sweep_rows:
+        print(format_table(sweep_rows, ["method", "config", "us", "GBps", "frac_copy"]))
+    print(f"limits {limits}; wrote {path}")
+
+
+def sweep(cache, n, layers, q, kv, nbytes, limits) -> list[dict]:
+    if kv == "int4":  # blocks are the 32-token key groups
+        variants = [dict(splits=s, num_warps=w) for s in (32, 64, 128) for w in (4, 8)]
+    else:
+        variants = [dict(splits=64, num_warps=w, block_n=b) for w in (4, 8) for b in (32, 64, 128)]
+        variants += [dict(splits=s, num_warps=4, block_n=64) for s in (32, 128)]
+    out = []
+    for launch in variants:
+        try:
+            us = time_lowbit(cache, n, layers, q, **launch)
+        except Exception as e:  # a variant that fails to compile is reported, not fatal
+            print(f"sweep {kv} {launch}: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        out.append({"bench": "attention-sweep", "method": f"lowbit-{kv}", "kv": kv,
+                    "context": n, "config": " ".join(f"{k}={v}" for k, v in launch.items()),
+                    "us": round(us, 2), "GBps": round(nbytes / us / 1e3, 1),
+                    "frac_copy": round(nbytes / us / 1e3 / limits["copy_GBps"], 3)})
+    return out
+
+
+if __name__ == "__main__":
+    main()
