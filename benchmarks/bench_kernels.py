@@ -92,15 +92,23 @@ def _bnb_methods():
     ]
 
 
-def methods(tuned: dict) -> list[Method]:
-    """tuned: {format: {(N, K, M): Plan}}; int4 g64 uses the g128 plans."""
-    int4 = tuned.get("int4-g128", {})
+def methods(tuned: dict, defaults_too: bool = False) -> list[Method]:
+    """tuned: {format: {(N, K, M): Plan}} (int4 g64 falls back to the g128 plans); with
+    defaults_too, each lowbit format also runs on the library's default_plan ("-default" rows:
+    the plans before this sweep)."""
+    int8 = lambda w: Int8Weight.quantize(w, None)  # noqa: E731
+    g128 = lambda w: Int4Weight.quantize(w, 128, symmetric=False)  # noqa: E731
+    g64 = lambda w: Int4Weight.quantize(w, 64, symmetric=False)  # noqa: E731
+    defaults = [_lowbit("lowbit-int8-default", int8, {}),
+                _lowbit("lowbit-int4-g128-default", g128, {}),
+                _lowbit("lowbit-int4-g64-default", g64, {})] if defaults_too else []
     return [
         Method("bf16-cublas", lambda w: w, lambda x, w: F.linear(x, w),
                lambda w: w.numel() * w.element_size()),
-        _lowbit("lowbit-int8", lambda w: Int8Weight.quantize(w, None), tuned.get("int8", {})),
-        _lowbit("lowbit-int4-g128", lambda w: Int4Weight.quantize(w, 128, symmetric=False), int4),
-        _lowbit("lowbit-int4-g64", lambda w: Int4Weight.quantize(w, 64, symmetric=False), int4),
+        _lowbit("lowbit-int8", int8, tuned.get("int8", {})),
+        _lowbit("lowbit-int4-g128", g128, tuned.get("int4-g128", {})),
+        _lowbit("lowbit-int4-g64", g64, tuned.get("int4-g64", tuned.get("int4-g128", {}))),
+        *defaults,
         Method("torch-int4-tinygemm", _tinygemm_prepare,
                lambda x, st: torch.ops.aten._weight_int4pack_mm(x, st[0], 128, st[1]),
                lambda st: st[0].numel() * st[0].element_size() + st[1].numel() * 2),
@@ -138,11 +146,11 @@ def check_method(method: Method, w: torch.Tensor, state) -> float:
     return ((method.run(x, state).float() - ref).norm() / ref.norm()).item()
 
 
-def bench_methods(weights, m_values, tuned) -> tuple[list[dict], dict]:
+def bench_methods(weights, m_values, tuned, defaults_too=False) -> tuple[list[dict], dict]:
     layers = len(weights)
     rows, checks = [], {}
     bf16_us = {}
-    for method in methods(tuned):
+    for method in methods(tuned, defaults_too):
         states = [{name: method.prepare(w[name]) for name, _, _ in LINEARS} for w in weights]
         checks[method.name] = round(check_method(method, weights[0]["q"], states[0]["q"]), 4)
         weight_bytes = sum(method.nbytes(states[0][name]) for name, _, _ in LINEARS)
@@ -171,19 +179,34 @@ def bench_methods(weights, m_values, tuned) -> tuple[list[dict], dict]:
     return rows, checks
 
 
+_DOT_SMALL = [Plan("dot", 16, 64, num_stages=3), Plan("dot", 16, 64, num_stages=4, waves=8),
+              Plan("dot", 16, 32, num_stages=3)]
+# M=1: the canonical-layout GEMV (the defaults before the plane layout) against the plane-layout
+# GEMV ("planes": block_k is the chunk, W = block_k / codes per word words per plane).
+_GEMV_OLD = [Plan("gemv", 1, 128), Plan("gemv", 1, 64, prefetch=True),
+             Plan("gemv", 1, 64, prefetch=True, waves=8), Plan("gemv", 1, 128, prefetch=True)]
 SWEEP_PLANS = {
-    1: [Plan("gemv", 1, 128), Plan("gemv", 1, 64, prefetch=True),
-        Plan("gemv", 1, 128, prefetch=True), Plan("gemv", 1, 256, prefetch=True),
-        Plan("gemv", 1, 128, prefetch=True, waves=8), Plan("gemv", 1, 64, prefetch=True, waves=8),
-        Plan("dot", 16, 64, num_stages=3)],
-    4: [Plan("dot", 16, 64, num_stages=3), Plan("dot", 16, 64, num_stages=4, waves=8),
-        Plan("dot", 16, 32, num_stages=3)],
-    16: [Plan("dot", 16, 64, num_stages=3), Plan("dot", 16, 64, num_stages=4, waves=8),
-         Plan("dot", 16, 32, num_stages=3), Plan("dot", 16, 128, num_warps=8, num_stages=3)],
-    64: [Plan("dot", 64, 64, num_stages=3), Plan("dot", 64, 64, num_stages=4, waves=8),
-         Plan("dot", 64, 128, num_warps=8, num_stages=3, scale_in_tile=True), Plan("dequant")],
-    512: [Plan("dequant"), Plan("dot", 128, 128, num_warps=8, num_stages=3, scale_in_tile=True)],
-    2048: [Plan("dequant")],
+    "int4": {
+        1: _GEMV_OLD + [Plan("planes", 1, 128, 64), Plan("planes", 1, 256, 64),
+                        Plan("planes", 1, 256, 64, prefetch=True), Plan("planes", 1, 128, 128),
+                        Plan("planes", 1, 128, 64, waves=8), Plan("planes", 1, 64, 128),
+                        Plan("planes", 1, 256, 128)],
+        4: _DOT_SMALL, 16: _DOT_SMALL + [Plan("dot", 16, 128, num_warps=8, num_stages=3)],
+        64: [Plan("dot", 64, 64, num_stages=3), Plan("dot", 64, 64, num_stages=4, waves=8),
+             Plan("dot", 64, 128, num_warps=8, num_stages=3, scale_in_tile=True),
+             Plan("dequant")],
+        512: [Plan("dequant"),
+              Plan("dot", 128, 128, num_warps=8, num_stages=3, scale_in_tile=True)],
+        2048: [Plan("dequant")]},
+    "int8": {
+        1: _GEMV_OLD + [Plan("planes", 1, 256, 32), Plan("planes", 1, 256, 64),
+                        Plan("planes", 1, 128, 64), Plan("planes", 1, 128, 32),
+                        Plan("planes", 1, 256, 64, prefetch=True),
+                        Plan("planes", 1, 256, 32, waves=8), Plan("planes", 1, 512, 64)],
+        4: _DOT_SMALL, 16: _DOT_SMALL + [Plan("dot", 16, 128, num_warps=8, num_stages=3)],
+        64: [Plan("dot", 64, 64, num_stages=3), Plan("dot", 64, 64, num_stages=4, waves=8),
+             Plan("dequant")],
+        512: [Plan("dequant")], 2048: [Plan("dequant")]},
 }
 
 
@@ -199,6 +222,7 @@ def sweep(weights, m_values) -> tuple[list[dict], dict]:
     the plan's relative error (a plan over 2e-2, bf16's bound in the tests, is never picked).
     Returns the rows and the fastest correct plan {format: {(N, K, M): Plan}}."""
     formats = {"int4-g128": lambda w: Int4Weight.quantize(w, 128, symmetric=False),
+               "int4-g64": lambda w: Int4Weight.quantize(w, 64, symmetric=False),
                "int8": lambda w: Int8Weight.quantize(w, None)}
     shapes = {(n, k): name for name, n, k in LINEARS}  # k and v share a shape
     rows, best = [], {}
@@ -208,7 +232,7 @@ def sweep(weights, m_values) -> tuple[list[dict], dict]:
             for m in m_values:
                 xs = [randn(m, k) for _ in qs]
                 fastest = None
-                for plan in SWEEP_PLANS.get(m, []):
+                for plan in SWEEP_PLANS[fmt[:4]].get(m, []):
                     def run_all():
                         for x, q in zip(xs, qs):
                             dequant_matmul(x, q, None, plan)
@@ -238,6 +262,11 @@ def main():
     ap.add_argument("--m", default=",".join(map(str, M_VALUES)))
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-layers", type=int, default=4,
+                    help="weight copies each sweep timing rotates over")
+    ap.add_argument("--defaults-too", action="store_true",
+                    help="also time the lowbit formats on the library's default_plan")
+    ap.add_argument("--name", default="kernels", help="results file name (without .json)")
     args = ap.parse_args()
     if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("bench_kernels needs CUDA and the Triton compiler (TRITON_INTERPRET unset)")
@@ -247,17 +276,18 @@ def main():
     weights = random_weights(args.layers)
     tuned = {}
     if args.sweep:
-        sweep_rows, tuned = sweep(weights, m_values)
-        write_results("sweep", [], limits, args.out, sweep=sweep_rows)
+        sweep_rows, tuned = sweep(weights[:args.sweep_layers], m_values)
+        write_results("sweep" if args.name == "kernels" else f"sweep-{args.name}", [], limits,
+                      args.out, sweep=sweep_rows)
         cols = ["format", "shape", "M", "plan", "us", "GBps", "TFLOPs", "rel_err"]
         print(format_table(sweep_rows, cols))
         print("\nfastest correct plan per shape (used for the lowbit rows below):")
         print("\n".join(f"{fmt} {n}x{k} M={m}: {plan}" for fmt, table in tuned.items()
                         for (n, k, m), plan in table.items()))
-    rows, checks = bench_methods(weights, m_values, tuned)
+    rows, checks = bench_methods(weights, m_values, tuned, args.defaults_too)
     plans = {fmt: {f"{n}x{k}/M={m}": str(p) for (n, k, m), p in t.items()}
              for fmt, t in tuned.items()}
-    path = write_results("kernels", rows, limits, args.out, checks_rel_err=checks,
+    path = write_results(args.name, rows, limits, args.out, checks_rel_err=checks,
                          lowbit_plans=plans or "default_plan")
     print(f"\nrelative error vs bf16 (q_proj, M=8): {checks}")
     print(f"wrote {path}\n")

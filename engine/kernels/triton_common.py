@@ -182,15 +182,18 @@ def finish_tile(acc, offs_n, offs_m, N, M, out_ptr, stride_om, bias_ptr, ws_ptr,
 class Plan:
     """How one dequant_matmul call runs.
 
-    path           "gemv": fused, CUDA-core FMAs (no tensor cores), for 1-4 activation rows;
+    path           "gemv": fused, CUDA-core FMAs (no tensor cores), for 1-2 activation rows;
+                   "planes": the same on a load-time plane layout with contiguous activation
+                   runs per code plane (triton_gemv_planes.py), 1-2 rows;
                    "dot": fused, weight tiles dequantized in registers feeding tl.dot;
                    "dequant": dequantize the layer into the per-device scratch, then cuBLAS.
-    block_m/n/k    output tile rows (activations), columns (weights), K per loop step.
+    block_m/n/k    output tile rows (activations), columns (weights), K per loop step ("planes":
+                   block_n is also the row tile of the stored layout, block_k the chunk).
     split_k        programs per output tile along K; None picks one that puts `waves` programs
                    on each SM (pick_split_k).
     scale_in_tile  "dot" only: scale the weight tile before the dot (one accumulating dot chain,
                    w rounded to the activation dtype) instead of scaling each K-step's dot result.
-    prefetch       "gemv" only: load chunk c + 1's words before computing chunk c (the "dot"
+    prefetch       "gemv"/"planes" only: load chunk c + 1's words before computing chunk c (the "dot"
                    path gets this from Triton's cp.async pipelining, num_stages).
     """
 
@@ -206,7 +209,7 @@ class Plan:
     prefetch: bool = False
 
     def __post_init__(self):
-        if self.path not in ("gemv", "dot", "dequant"):
+        if self.path not in ("gemv", "planes", "dot", "dequant"):
             raise ValueError(f"unknown path {self.path!r}")
 
     def __str__(self) -> str:

@@ -23,6 +23,7 @@ from lowbit.quant.formats import Int4Weight
 
 from .triton_common import (Plan, buffer, finish_tile, int4_plane, load_words,
                             pick_split_k, split_k_buffers, unpack_int4)
+from .triton_gemv_planes import plane_words, planes_matmul, words_per_plane
 
 REPACK_KEY = "triton"
 
@@ -182,6 +183,14 @@ def packed(weight: Int4Weight) -> dict[str, Tensor | None]:
     return cache[REPACK_KEY]
 
 
+def plane_packed(weight: Int4Weight, w: int, block_n: int) -> Tensor:
+    """The plane layout (triton_gemv_planes.py) of `weight` for W = w, built on first use."""
+    key = f"planes-w{w}-n{block_n}"
+    if key not in weight.repacked:
+        weight.repacked[key] = plane_words(weight.unpacked(), 4, w, block_n)
+    return weight.repacked[key]
+
+
 def default_plan(m: int, n: int, k: int, group_size: int) -> Plan:
     """Picked per shape class from the H100 sweeps of benchmarks/bench_kernels.py --sweep
     (numbers in benchmarks/NOTES-kernels.md and results/nvidia-h100-80gb-hbm3/sweep.json)."""
@@ -217,6 +226,10 @@ def int4_matmul(x: Tensor, weight: Int4Weight, bias: Tensor | None, out: Tensor,
         raise ValueError(f"the gemv path takes 1 or 2 rows per program, not {plan.block_m}")
     p = packed(weight)
     words, scales, zeros = p["words"], p["scales"], p["zeros"]
+    if plan.path == "planes":
+        w = words_per_plane(plan, 4, gs)
+        return planes_matmul(x, plane_packed(weight, w, plan.block_n), scales, zeros, 4, gs, n,
+                             w, bias, out, plan)
     z_arg = scales if zeros is None else zeros  # never read when symmetric
     block_k = min(plan.block_k, gs)
     even_k = k % block_k == 0

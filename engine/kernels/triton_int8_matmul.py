@@ -20,6 +20,7 @@ from lowbit.quant.formats import Int8Weight
 
 from .triton_common import (Plan, buffer, finish_tile, int8_plane, load_words,
                             pick_split_k, split_k_buffers, unpack_int8)
+from .triton_gemv_planes import plane_words, planes_matmul, words_per_plane
 
 REPACK_KEY = "triton"
 
@@ -167,6 +168,14 @@ def packed(weight: Int8Weight) -> dict[str, Tensor]:
     return cache[REPACK_KEY]
 
 
+def plane_packed(weight: Int8Weight, w: int, block_n: int) -> Tensor:
+    """The plane layout (triton_gemv_planes.py) of `weight` for W = w, built on first use."""
+    key = f"planes-w{w}-n{block_n}"
+    if key not in weight.repacked:
+        weight.repacked[key] = plane_words(weight.qweight.view(torch.uint8), 8, w, block_n)
+    return weight.repacked[key]
+
+
 def default_plan(m: int, n: int, k: int, group_size: int | None) -> Plan:
     """Picked per shape class from the H100 sweeps of benchmarks/bench_kernels.py --sweep
     (numbers in benchmarks/NOTES-kernels.md and results/nvidia-h100-80gb-hbm3/sweep.json)."""
@@ -202,6 +211,10 @@ def int8_matmul(x: Tensor, weight: Int8Weight, bias: Tensor | None, out: Tensor,
         raise ValueError(f"the gemv path takes 1 or 2 rows per program, not {plan.block_m}")
     p = packed(weight)
     words, scales = p["words"], p["scales"]
+    if plan.path == "planes":
+        w = words_per_plane(plan, 8, gs)
+        return planes_matmul(x, plane_packed(weight, w, plan.block_n), scales, None, 8, gs, n,
+                             w, bias, out, plan)
     block_k = min(plan.block_k, gs) if gs else plan.block_k
     even_k = k % block_k == 0
     if plan.path == "dequant":

@@ -62,6 +62,12 @@ CASES = [
     (48, 96, 32, False, 2, Plan("gemv", block_m=2, block_n=16, split_k=1, prefetch=True)),
     (48, 160, 32, False, 3, Plan("gemv", block_m=2, block_n=16, split_k=3)),
     (48, 96, 64, True, 2, Plan("gemv", block_m=2, block_n=64, split_k=1)),
+    # the plane layout: W = block_k / 8 words per plane, block_n rows per stored tile (N = 40:
+    # a padded tile), chunks spanning two groups (g32, W 8), ragged K (576 / g128, 204)
+    (40, 576, 128, False, 1, Plan("planes", block_m=1, block_n=32, block_k=128, prefetch=True)),
+    (48, 204, 32, False, 3, Plan("planes", block_m=2, block_n=32, block_k=64, split_k=2)),
+    (48, 256, 64, True, 2, Plan("planes", block_m=2, block_n=16, block_k=128, split_k=1)),
+    (48, 160, 32, True, 1, Plan("planes", block_m=1, block_n=16, block_k=64, split_k=3)),
     (48, 200, 64, False, 3, Plan("dot", block_m=16, block_n=32, split_k=3)),
     (48, 160, 32, True, 17, Plan("dot", block_m=16, block_n=16, split_k=1)),
     (48, 204, 64, False, 3, Plan("dot", block_m=16, block_n=32, split_k=2)),
@@ -116,6 +122,17 @@ def test_supports_names_the_problem():
     assert "int64" in supports(torch.zeros(2, 96, dtype=torch.int64), weight)
 
 
+def test_plane_layout_puts_each_plane_on_contiguous_columns():
+    """Word j of chunk c, nibble i, holds u[n, c*8W + i*W + j]; tiles of block_n rows."""
+    from lowbit.engine.kernels.triton_gemv_planes import plane_words
+    u = torch.randint(0, 16, (6, 40), dtype=torch.uint8)
+    words = plane_words(u, 4, 4, 4).view(2, 2, 4, 4).to(torch.int64) & 0xFFFFFFFF  # (T, C, BN, W)
+    for n, k in [(0, 0), (1, 5), (3, 31), (5, 32), (4, 39)]:
+        c, i, j = k // 32, k % 32 // 4, k % 4
+        assert (words[n // 4, c, n % 4, j] >> (4 * i)) & 0xF == u[n, k]
+    assert (words[1, :, 2:] == 0).all() and (words[:, 1, :, :] >> 8 * 4 == 0).all()
+
+
 # (N, K, dtype): every Llama-3-8B shape in bf16, fp16 on one
 GPU_SHAPES = [(4096, 4096, torch.bfloat16), (14336, 4096, torch.bfloat16),
               (4096, 14336, torch.bfloat16), (4096, 4096, torch.float16)]
@@ -138,6 +155,8 @@ def test_int4_gpu_default_plans(n, k, gs, symmetric, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("plan", [Plan("gemv", block_m=2, block_n=128),
                                   Plan("gemv", block_m=1, block_n=64, prefetch=True, waves=8),
+                                  Plan("planes", block_m=1, block_n=256, block_k=64),
+                                  Plan("planes", block_m=2, block_n=128, block_k=128),
                                   Plan("dot", block_m=16, block_n=128, split_k=4),
                                   Plan("dot", block_m=128, block_n=128, num_warps=8,
                                        num_stages=3, scale_in_tile=True),
@@ -145,5 +164,5 @@ def test_int4_gpu_default_plans(n, k, gs, symmetric, dtype):
 def test_int4_gpu_every_path(plan, dtype):
     torch.manual_seed(7)
     weight = _weight(4096, 4096, 128, False, dtype, device="cuda")
-    m = plan.block_m if plan.path == "gemv" else 200
+    m = plan.block_m if plan.path in ("gemv", "planes") else 200
     assert _run(weight, m, dtype, bias=True, plan=plan, device="cuda") < TOL[dtype]

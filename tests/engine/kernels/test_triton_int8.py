@@ -59,6 +59,11 @@ CASES = [
     (48, 160, 32, 2, Plan("gemv", block_m=2, block_n=64, split_k=1)),
     (48, 202, None, 3, Plan("gemv", block_m=2, block_n=16, split_k=2, prefetch=True)),
     (48, 200, 64, 1, Plan("gemv", block_m=1, block_n=32, prefetch=True)),
+    # the plane layout (W = block_k / 4): per-channel with K % chunk != 0 and a padded row
+    # tile (N = 40), grouped with two groups per chunk (g32, W 8) and a ragged last group
+    (40, 202, None, 1, Plan("planes", block_m=1, block_n=32, block_k=64, prefetch=True)),
+    (48, 200, 64, 3, Plan("planes", block_m=2, block_n=16, block_k=32, split_k=2)),
+    (48, 160, 32, 2, Plan("planes", block_m=2, block_n=32, block_k=64, split_k=1)),
     (48, 202, None, 17, Plan("dot", block_m=16, block_n=32, split_k=3)),
     (48, 200, 64, 3, Plan("dot", block_m=16, block_n=16, split_k=2)),
     (48, 96, 32, 17, Plan("dot", block_m=16, block_n=32, scale_in_tile=True)),
@@ -108,6 +113,8 @@ def test_int8_gpu_default_plans(n, k, gs, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("plan", [Plan("gemv", block_m=2, block_n=128),
                                   Plan("gemv", block_m=1, block_n=64, prefetch=True, waves=8),
+                                  Plan("planes", block_m=1, block_n=256, block_k=32),
+                                  Plan("planes", block_m=2, block_n=128, block_k=64),
                                   Plan("dot", block_m=16, block_n=128, split_k=4),
                                   Plan("dot", block_m=128, block_n=128, num_warps=8,
                                        num_stages=3),
@@ -115,5 +122,5 @@ def test_int8_gpu_default_plans(n, k, gs, dtype):
 def test_int8_gpu_every_path(plan, dtype):
     torch.manual_seed(7)
     weight = _weight(4096, 4096, None, dtype, device="cuda")
-    m = plan.block_m if plan.path == "gemv" else 200
+    m = plan.block_m if plan.path in ("gemv", "planes") else 200
     assert _run(weight, m, dtype, bias=True, plan=plan, device="cuda") < TOL[dtype]
