@@ -5,7 +5,7 @@ from lowbit.quant.formats import Int4Weight, Int8Weight
 from lowbit.quant.gptq import ORDERS, GPTQError, gptq_quantize, reconstruction_error
 from lowbit.quant.search import search_quantize
 
-from test_search import correlated_inputs
+from test_search import correlated_inputs, one_thread  # noqa: F401
 
 
 def layer_and_inputs(seed, n=96, k=192):

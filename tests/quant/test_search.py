@@ -9,6 +9,16 @@ from lowbit.quant.search import search_params, search_quantize, weighted_error
 SHAPES = [(6, 576, 128), (9, 200, 64), (5, 96, 32), (7, 130, 16), (3, 64, 64)]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Thousands of small tensor ops: on a loaded 2-core machine two OpenMP threads make them
+    several times slower than one, so these tests run single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def rtn(w, bits, gs, symmetric, scale_dtype):
     if bits == 8:
         return Int8Weight.quantize(w, gs, scale_dtype=scale_dtype)

@@ -1,0 +1,146 @@
+import pytest
+import torch
+from helpers import tiny_tokenizer, write_tiny_llama
+
+from lowbit.engine.calibrate import CalibrationSettings, calibrate
+from lowbit.engine.tokenizer import Tokenizer
+from lowbit.quant.calibration_text import CalibrationTextError, calibration_text
+from lowbit.quant.checkpoint import quantized_linears
+from lowbit.quant.config import QuantConfig
+from lowbit.quant.formats import Int8Weight
+from lowbit.quant.quantize import quantize_weight
+from lowbit.quant.sources import open_source
+
+QUANT = QuantConfig(weight_bits=4, group_size=32)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Calibration runs thousands of small ops; on a loaded 2-core machine two OpenMP threads
+    make them ~8x slower (measured: 69 s vs 8 s for this file's tiny model), so these tests run
+    single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    # hidden 96 = 2 x 32 + 32, intermediate 160 = 5 x 32: ragged-free; 200 below is ragged
+    path = write_tiny_llama(tmp_path_factory.mktemp("tiny"), hidden=96, intermediate=200,
+                            layers=2, tie=True)
+    return open_source(path)
+
+
+def windows(seed, n=4, length=48):
+    return torch.randint(3, 300, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def rtn_formats(source, quant):
+    out = {}
+    for name in quantized_linears(source.model_config, quant):
+        tensor = "model.embed_tokens.weight" if name == "lm_head" else name + ".weight"
+        w = source.get_tensor(tensor).to(source.dtype())  # as `lowbit convert` casts it
+        out[name] = quantize_weight(w, quant.for_module(name))
+    return out
+
+
+@pytest.mark.parametrize("method", ["search", "gptq"])
+def test_every_linear_in_file_order_with_canonical_tensors(source, method):
+    got = list(calibrate(source, QUANT, CalibrationSettings(method), windows(0), progress=False))
+    want = rtn_formats(source, QUANT)
+    assert [name for name, _ in got] == list(want)
+    for name, fmt in got:
+        assert {k: (t.dtype, t.shape, t.device) for k, t in fmt.tensors().items()} == \
+            {k: (t.dtype, t.shape, t.device) for k, t in want[name].tensors().items()}, name
+
+
+def test_deterministic(source):
+    settings = CalibrationSettings("gptq")
+    one = list(calibrate(source, QUANT, settings, windows(1), progress=False))
+    two = list(calibrate(source, QUANT, settings, windows(1), progress=False))
+    for (n1, f1), (n2, f2) in zip(one, two):
+        assert n1 == n2
+        for k, t in f1.tensors().items():
+            assert torch.equal(t, f2.tensors()[k]), (n1, k)
+
+
+def test_keep_8bit_layers_come_back_per_channel_int8(source):
+    quant = QuantConfig(weight_bits=4, group_size=32, keep_8bit=("*.down_proj", "lm_head"))
+    got = dict(calibrate(source, quant, CalibrationSettings("search"), windows(2),
+                         progress=False))
+    for name, fmt in got.items():
+        want_int8 = name.endswith("down_proj") or name == "lm_head"
+        assert isinstance(fmt, Int8Weight) == want_int8, name
+        if want_int8:
+            assert fmt.group_size is None and fmt.scales.shape == (fmt.out_features, 1)
+
+
+def test_keep_16bit_layers_are_skipped(source):
+    quant = QuantConfig(weight_bits=4, group_size=32,
+                        keep_16bit=("model.embed_tokens", "lm_head", "*.q_proj"))
+    names = [n for n, _ in calibrate(source, quant, CalibrationSettings("search"), windows(3),
+                                     progress=False)]
+    assert "lm_head" not in names and not any(n.endswith("q_proj") for n in names)
+    assert len(names) == 2 * 6
+
+
+# ---------------------------------------------------------------- calibration text
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer(tiny_tokenizer(), {}, {})
+
+
+def corpus(tmp_path, n_docs=40, words=60, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    vocab = ["news", "fire", "rain", "court", "minister", "market", "team", "storm", "police",
+             "river", "talks", "vote", "north", "south", "city", "report"]
+    lines = [" ".join(vocab[i] for i in torch.randint(0, len(vocab), (words,), generator=gen))
+             + "." for _ in range(n_docs)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path, lines
+
+
+def test_default_split_stays_off_the_evaluation_windows(tmp_path, tokenizer):
+    path, lines = corpus(tmp_path)
+    text = calibration_text(tokenizer, None, n_tokens=512, window_len=128, eval_windows=4,
+                            eval_window_len=128, eval_path=path)
+    ids = tokenizer.encode(path.read_text(), add_special_tokens=False)
+    evaluated = tokenizer.decode(ids[:4 * 128])
+    assert text.windows.shape == (4, 128)
+    assert text.record["excluded"]["lines"].startswith("1-")
+    first_kept = int(text.record["lines"].split(",")[0].split("-")[0])
+    assert sum(len(line) + 1 for line in lines[:first_kept - 1]) >= len(evaluated)
+    assert text.record["tokens"] == 512 and text.record["sha256"]
+
+
+def test_file_overlapping_the_evaluation_windows_is_refused(tmp_path, tokenizer):
+    path, lines = corpus(tmp_path)
+    copied = tmp_path / "mine.txt"
+    copied.write_text("\n".join(lines[1:5]) + "\n")  # the second document is evaluated
+    with pytest.raises(CalibrationTextError, match="evaluation windows"):
+        calibration_text(tokenizer, copied, n_tokens=256, window_len=128, eval_windows=4,
+                         eval_window_len=128, eval_path=path)
+
+
+def test_disjoint_file_is_accepted_and_seeded(tmp_path, tokenizer):
+    path, _ = corpus(tmp_path)
+    other, _ = corpus(tmp_path / "other" if (tmp_path / "other").mkdir() is None else None,
+                      seed=1)
+    kwargs = dict(n_tokens=256, window_len=128, eval_windows=4, eval_window_len=128,
+                  eval_path=path)
+    a = calibration_text(tokenizer, other, seed=5, **kwargs)
+    b = calibration_text(tokenizer, other, seed=5, **kwargs)
+    c = calibration_text(tokenizer, other, seed=6, **kwargs)
+    assert torch.equal(a.windows, b.windows) and not torch.equal(a.windows, c.windows)
+
+
+def test_too_little_text_is_refused(tmp_path, tokenizer):
+    path, _ = corpus(tmp_path, n_docs=12)
+    with pytest.raises(CalibrationTextError, match="fewer than"):
+        calibration_text(tokenizer, None, n_tokens=4096, window_len=128, eval_windows=2,
+                         eval_window_len=128, eval_path=path)
