@@ -26,10 +26,11 @@ def split_list(values: tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(item for item in items if item))
 
 
-def parse_weights(spec: str, group_size: int | None):
+def parse_weights(spec: str, group_size: int | None, keep_16bit: tuple[str, ...] = ()):
     """"16" → None; "int{bits}[-g{N}][-sym]" → QuantConfig. `group_size` (from --group-size)
-    applies where the spec names no group: int8 is otherwise per channel, int4 group 128."""
-    from lowbit.quant.config import QuantConfig, QuantConfigError
+    applies where the spec names no group: int8 is otherwise per channel, int4 group 128.
+    `keep_16bit` patterns add to the default (the embeddings)."""
+    from lowbit.quant.config import DEFAULT_KEEP_16BIT, QuantConfig, QuantConfigError
 
     if spec == "16":
         return None
@@ -41,7 +42,8 @@ def parse_weights(spec: str, group_size: int | None):
     if group is None and bits == 4:
         group = DEFAULT_INT4_GROUP
     try:
-        return QuantConfig(weight_bits=bits, group_size=group, symmetric=bool(m["sym"]))
+        return QuantConfig(weight_bits=bits, group_size=group, symmetric=bool(m["sym"]),
+                           keep_16bit=tuple(dict.fromkeys(DEFAULT_KEEP_16BIT + keep_16bit)))
     except QuantConfigError as e:
         raise click.ClickException(f"--weights {spec}: {e}") from None
 
@@ -52,11 +54,12 @@ def parse_kv(spec: str) -> int:
     return int(spec)
 
 
-def parse_variants(weights: tuple[str, ...], kv: tuple[str, ...], group_size: int | None):
+def parse_variants(weights: tuple[str, ...], kv: tuple[str, ...], group_size: int | None,
+                   keep_16bit: tuple[str, ...] = ()):
     """Every (weights, KV) pair of the two lists, except the 16/16 reference."""
     from lowbit.engine.compare import REFERENCE, Variant
 
-    quants = [parse_weights(s, group_size) for s in split_list(weights)]
+    quants = [parse_weights(s, group_size, keep_16bit) for s in split_list(weights)]
     kv_bits = [parse_kv(s) for s in split_list(kv)]
     if not quants or not kv_bits:
         raise click.ClickException("--weights and --kv each need at least one value")
@@ -122,6 +125,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
               help="KV-cache bits, comma-separated or repeated: 16, 8, 4")
 @click.option("--group-size", type=int, default=None,
               help="group size where a --weights spec names none [int8: per channel; int4: 128]")
+@click.option("--keep-16bit", "keep_16bit", multiple=True, metavar="PATTERN",
+              help="keep modules matching PATTERN 16-bit in every quantized variant (a prefix or "
+                   "glob, e.g. lm_head; repeatable); the embeddings always are")
 @click.option("--text", "text_path", default=None, metavar="FILE",
               help="UTF-8 text to evaluate on [default: the ABC news corpus lee_background.cor "
                    "from gensim]")
@@ -134,8 +140,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 @click.option("--json", "json_path", default=None, metavar="PATH",
               help="also write the results as JSON to PATH")
 @device_options
-def compare(model, weights, kv, group_size, text_path, n_windows, window_len, gen_tokens,
-            json_path, device, dtype):
+def compare(model, weights, kv, group_size, keep_16bit, text_path, n_windows, window_len,
+            gen_tokens, json_path, device, dtype):
     """Compare quantized variants of MODEL with its 16-bit self: perplexity, KL divergence and
     top-1 agreement on the same text windows, bits per weight, bytes, speed and peak memory.
 
@@ -147,7 +153,7 @@ def compare(model, weights, kv, group_size, text_path, n_windows, window_len, ge
     from lowbit.engine.compare import compare as run_compare
     from lowbit.quant.text import default_text_path, read_text
 
-    variants = parse_variants(weights, kv, group_size)
+    variants = parse_variants(weights, kv, group_size, keep_16bit)
     if json_path and not Path(json_path).resolve().parent.is_dir():
         raise click.ClickException(f"--json {json_path}: the folder does not exist")
     log = lambda message: click.echo(message, err=True)  # noqa: E731

@@ -30,7 +30,7 @@ from lowbit.engine.evaluate import (EvaluationError, Tally, Windows, bits_per_we
                                     check_window_fits, next_token_log_probs, split_windows)
 from lowbit.engine.generate import Generation
 from lowbit.engine.load import LoadedModel, load_model
-from lowbit.quant.config import QuantConfig
+from lowbit.quant.config import DEFAULT_KEEP_16BIT, QuantConfig
 from lowbit.quant.sources import is_lowbit_checkpoint
 
 PROMPT_TOKENS = 128  # the speed prompt: the text's first tokens
@@ -46,7 +46,11 @@ class Variant:
 
     @property
     def weights(self) -> str:
-        return "16" if self.quant is None else self.quant.name
+        """The quant name, plus the modules kept 16-bit beyond the default (embeddings)."""
+        if self.quant is None:
+            return "16"
+        extra = [p for p in self.quant.keep_16bit if p not in DEFAULT_KEEP_16BIT]
+        return self.quant.name + (f" keep:{','.join(extra)}" if extra else "")
 
     @property
     def name(self) -> str:

@@ -64,6 +64,14 @@ def test_group_size_applies_where_the_spec_names_none():
     assert (a.quant.group_size, b.quant.group_size, c.quant.group_size) == (64, 64, 32)
 
 
+def test_keep_16bit_adds_to_the_default_and_shows_in_the_name():
+    (variant,) = parse_variants(("int4",), ("16",), None, ("lm_head",))
+    assert variant.name == "int4-g128-asym keep:lm_head kv16"
+    assert variant.quant.keeps_16bit("lm_head") and variant.quant.keeps_16bit("model.embed_tokens")
+    (plain,) = parse_variants(("int4",), ("16",), None)
+    assert not plain.quant.keeps_16bit("lm_head") and plain.name == "int4-g128-asym kv16"
+
+
 def test_compare_prints_a_table_and_writes_every_json_key(tiny, text_file, tmp_path):
     out = tmp_path / "cmp.json"
     result = run(tiny, "--text", text_file, "--weights", "16,int8,int4-g32", "--kv", "16",
