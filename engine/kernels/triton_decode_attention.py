@@ -45,7 +45,9 @@ from .triton_common import buffer
 KIND_DENSE, KIND_INT8 = 0, 1
 KEY_GROUP = 32  # engine.kv_quant.KEY_GROUP: one int4 key block is one quantization group
 LOG2E = 1.4426950408889634
-M_INIT = -1.0e30  # finite: exp2(M_INIT - M_INIT) stays 1, never NaN, for rows with no key yet
+# finite: exp2(M_INIT - M_INIT) stays 1, never NaN, for rows with no key yet; a constexpr,
+# since a jit function may only read globals that are (the interpreter does not check this)
+M_INIT = tl.constexpr(-1.0e30)
 
 
 @triton.jit
