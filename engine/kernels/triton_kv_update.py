@@ -123,6 +123,8 @@ def supports_decode_write(cache, k: torch.Tensor) -> str | None:
     """None if the sync-free write can run for this cache and key, else why not."""
     if _missing is not None:
         return _missing
+    if getattr(cache, "sink_tokens", 0):
+        return "the kernel does not write the int4 cache's 16-bit sink tokens"
     d = k.shape[-1]
     if d < 32 or d & (d - 1):
         return f"head_dim {d} is not a power of two >= 32"
