@@ -30,6 +30,11 @@ SCALE_DTYPE = torch.float16
 # channel over 32 tokens with a 16-bit residual measured +0.8% perplexity, per-token keys +4.6%).
 KEY_GROUP = 32
 VALUE_GROUP = 32
+# Positions kept in 16-bit (keys and values) at the start of the sequence, where attention sinks
+# live. Measured on the default model (benchmarks/kv_accuracy.py, window 0): int4 +1.17% ppl
+# without, +0.63% with 4 sink tokens. Off by default until the Triton decode kernel reads
+# k_sink / v_sink (it matches the reference token for token).
+DEFAULT_SINK_TOKENS = 0
 
 
 def _quantize_rows(x: Tensor, bits: int, group: int, symmetric: bool):
@@ -153,6 +158,8 @@ class Int4KVCache(_QuantizedCache):
       v_packed   uint8   (L, B, Hkv, S, D/2)    same packing along head_dim
       v_scale    float16 (L, B, Hkv, S, Gv)     value[s, c] = (u[s, c] - v_zero[s, c//32])
       v_zero     uint8   (L, B, Hkv, S, Gv)                   * v_scale[s, c//32]
+      k_sink, v_sink dtype (L, B, Hkv, sink_tokens, D)  16-bit keys and values of positions
+                                                [0, sink_tokens), read instead of their bytes
     Key bytes of group g are valid once its 32 keys are written (then they are quantized at once);
     until then the group lives in k_residual.
 
@@ -163,15 +170,17 @@ class Int4KVCache(_QuantizedCache):
     the even channels of q*s and high nibbles the odd ones, so no nibble is ever interleaved and K
     is never dequantized. Values use the same unpacking with a per-row scale.
 
-    bytes_per_token (steady state, scales and zeros included, the residual window excluded: it is
-    a fixed 32 * D * 2 bytes per layer and head, see residual_nbytes):
+    bytes_per_token (steady state, scales and zeros included, the 16-bit residual window and sink
+    excluded: they are a fixed (32 + 2 * sink_tokens) * D * 2 bytes per layer and head, see
+    residual_nbytes):
       L * B * Hkv * (D/2 + 3*D/32 + D/2 + 3*Gv) = 76 per layer and head at D = 64 (0.297x of bf16),
       152 at D = 128 (0.297x).
     """
 
     bits = 4
 
-    def __init__(self, cfg, batch, max_seq, dtype, device):
+    def __init__(self, cfg, batch, max_seq, dtype, device,
+                 sink_tokens: int = DEFAULT_SINK_TOKENS):
         super().__init__(cfg, batch, max_seq, dtype, device)
         d = cfg.head_dim
         if d % 2:
@@ -188,6 +197,9 @@ class Int4KVCache(_QuantizedCache):
         self.v_packed = torch.zeros(*lead, max_seq, d // 2, dtype=torch.uint8, **kw)
         self.v_scale = torch.zeros(*lead, max_seq, value_groups, dtype=SCALE_DTYPE, **kw)
         self.v_zero = torch.zeros(*lead, max_seq, value_groups, dtype=torch.uint8, **kw)
+        self.sink_tokens = min(sink_tokens, max_seq)
+        self.k_sink = torch.zeros(*lead, self.sink_tokens, d, dtype=dtype, **kw)
+        self.v_sink = torch.zeros(*lead, self.sink_tokens, d, dtype=dtype, **kw)
         # (layer, first position, keys (B, Hkv, p0 % 32, D)) of the latest update: the 16-bit
         # keys of its group written before it. The chunk's tail may overwrite them in k_residual,
         # yet the chunk's first queries must still see them unquantized. <= 31 keys of one layer.
@@ -199,6 +211,10 @@ class Int4KVCache(_QuantizedCache):
         p0 = self._first_position(positions, k)
         self._write_values(layer, p0, v)
         self._write_keys(layer, p0, k)
+        sink = max(0, min(self.sink_tokens - p0, k.shape[2]))
+        if sink:
+            self.k_sink[layer, :, :, p0:p0 + sink] = k[:, :, :sink]
+            self.v_sink[layer, :, :, p0:p0 + sink] = v[:, :, :sink]
 
     def _write_values(self, layer: int, p0: int, v: Tensor) -> None:
         b, h, t, d = v.shape
@@ -257,11 +273,12 @@ class Int4KVCache(_QuantizedCache):
 
     def _tensors(self):
         return [self.k_packed, self.k_scale, self.k_zero, self.k_residual, self.v_packed,
-                self.v_scale, self.v_zero]
+                self.v_scale, self.v_zero, self.k_sink, self.v_sink]
 
     @property
     def residual_nbytes(self) -> int:
-        return self.k_residual.nbytes
+        """Fixed 16-bit bytes: the key window of the group in progress and the sink tokens."""
+        return self.k_residual.nbytes + self.k_sink.nbytes + self.v_sink.nbytes
 
     @property
     def bytes_per_token(self) -> int | float:

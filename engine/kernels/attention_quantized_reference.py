@@ -6,7 +6,8 @@ sees every key s <= t as the cache held it right after token t was appended:
   quantized form of every key and value, its own included;
 - int4 keys are quantized per channel once their 32-token group is complete: at time t key s is
   quantized iff s // 32 < (t + 1) // 32, else it is the 16-bit key (from the residual window for
-  positions written before this call, from the chunk's own k_new otherwise).
+  positions written before this call, from the chunk's own k_new otherwise);
+- the int4 cache's sink positions s < sink_tokens are seen as their stored 16-bit keys and values.
 
 Only the first kv_len positions of one layer are dequantized, into temporaries.
 """
@@ -38,6 +39,7 @@ def kv_attention_int4(q, cache: Int4KVCache, layer, positions, kv_len, k_new, v_
     the chunk), each paired with its (quantized) value. With c = (t + 1) // 32 complete groups at
     query t, the mask lets t see quantized key s iff s < 32c and 16-bit key s iff 32c <= s, both
     only for s <= t (and inside the sliding window): every key is seen in exactly one form.
+    Sink positions are read from the 16-bit sink in the first part and masked in the second.
     """
     n = cache.max_seq if kv_len is None else kv_len
     p0 = int(positions[0])
@@ -48,7 +50,11 @@ def kv_attention_int4(q, cache: Int4KVCache, layer, positions, kv_len, k_new, v_
     w = fresh.shape[2]
     keys = torch.cat((cache.dequantized_keys(layer, n), fresh), dim=2)  # (B, Hkv, n + w, D)
     values = torch.cat((values, values[:, :, start:start + w]), dim=2)  # (B, Hkv, n + w, D)
+    sink = min(cache.sink_tokens, n)
+    keys[:, :, :sink] = cache.k_sink[layer, :, :, :sink]
+    values[:, :, :sink] = cache.v_sink[layer, :, :, :sink]
     complete = (positions[:, None] + 1) // KEY_GROUP * KEY_GROUP  # (T, 1) first 16-bit position
+    complete = complete.clamp(min=sink)  # sink keys count as stored, like quantized ones
     quantized_part = visibility_mask(positions, n, cache.sliding_window)  # (T, n)
     quantized_part &= torch.arange(n, device=q.device)[None, :] < complete
     fresh_pos = torch.arange(start, start + w, device=q.device)[None, :]  # (1, w)

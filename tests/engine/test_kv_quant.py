@@ -57,9 +57,12 @@ def tiny(tmp_path_factory):
     return get
 
 
-def logits_in_chunks(loaded, ids, bits, chunks, max_seq=PROMPT, static=False):
+def logits_in_chunks(loaded, ids, bits, chunks, max_seq=PROMPT, static=False, sink=0):
     """Logits of ids (1, N) fed as consecutive chunks of the given sizes through one cache."""
-    cache = create_cache(bits, loaded.config, ids.shape[0], max_seq, DTYPE, "cpu")
+    if sink:
+        cache = Int4KVCache(loaded.config, ids.shape[0], max_seq, DTYPE, "cpu", sink_tokens=sink)
+    else:
+        cache = create_cache(bits, loaded.config, ids.shape[0], max_seq, DTYPE, "cpu")
     out, p = [], 0
     for n in chunks:
         kv_len = None if static else p + n
@@ -86,6 +89,20 @@ def test_one_forward_equals_decode_steps_and_chunks(tiny, bits, group):
     assert (one - steps).abs().max().item() <= 1e-9
     assert (one - chunks).abs().max().item() <= 1e-9
     assert (one - dense).abs().max().item() > 1e-3  # the cache really quantizes
+
+
+@pytest.mark.parametrize("sink", [4, 40])
+def test_int4_with_sink_equals_decode_steps(tiny, sink):
+    tiny = tiny(2)
+    ids = prompt(tiny, seed=5)
+    with torch.no_grad():
+        one = logits_in_chunks(tiny, ids, 4, [PROMPT], sink=sink)
+        steps = logits_in_chunks(tiny, ids, 4, [3] + [1] * (PROMPT - 3), sink=sink)
+        chunks = logits_in_chunks(tiny, ids, 4, [33, 37], max_seq=96, static=True, sink=sink)
+        no_sink = logits_in_chunks(tiny, ids, 4, [PROMPT])
+    assert (one - steps).abs().max().item() <= 1e-9
+    assert (one - chunks).abs().max().item() <= 1e-9
+    assert (one - no_sink).abs().max().item() > 1e-3
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -118,9 +135,10 @@ def test_sliding_window_decode_equivalence(tmp_path, bits):
     assert (one[:, 30:] - no_window[:, 30:]).abs().max().item() > 1e-3
 
 
-def naive_int4_attention(q, k, v, t_query):
+def naive_int4_attention(q, k, v, t_query, sink):
     """The definition, one query at a time: q (H, D) at position t sees keys 0..t, key s
-    quantized per channel over its 32-token group iff s // 32 < (t + 1) // 32; values per token."""
+    quantized per channel over its 32-token group iff s // 32 < (t + 1) // 32; values per token;
+    keys and values of the first `sink` positions unquantized."""
     s_len, d = k.shape[1], k.shape[2]
     keys = k.clone()
     complete = (t_query + 1) // 32
@@ -131,21 +149,25 @@ def naive_int4_attention(q, k, v, t_query):
         keys[:, g * 32:(g + 1) * 32] = deq.view(k.shape[0], d, 32).transpose(1, 2)
     vq, vs, vz = quantize_affine(v.reshape(-1, d), 4, 32, False, torch.float16)
     values = dequantize_affine(vq, vs, vz, 32, torch.float32).view(v.shape)
+    keys[:, :sink], values[:, :sink] = k[:, :sink], v[:, :sink]
     g = q.shape[0] // k.shape[0]
     keys, values = keys.repeat_interleave(g, 0), values.repeat_interleave(g, 0)  # (H, S, D)
     scores = (q[:, None, :] @ keys[:, :t_query + 1].transpose(1, 2))[:, 0] / d ** 0.5
     return (scores.softmax(-1)[:, None, :] @ values[:, :t_query + 1])[:, 0]  # (H, D)
 
 
-def test_int4_attention_matches_its_definition():
+@pytest.mark.parametrize("group", [1, 2, 4], ids=lambda g: f"gqa{g}")
+@pytest.mark.parametrize("sink", [0, 4])
+def test_int4_attention_matches_its_definition(group, sink):
     """Direct tensors: a prefill of 45 then a chunk of 30 (positions 45..74, across 64)."""
-    cfg = model_config(head_dim=64, heads=4, kv_heads=2, layers=1)
-    gen = torch.Generator().manual_seed(0)
+    hkv = 4 // group
+    cfg = model_config(head_dim=64, heads=4, kv_heads=hkv, layers=1)
+    gen = torch.Generator().manual_seed(group)
     n = 75
     q = torch.randn(1, 4, n, 64, generator=gen)
-    k = torch.randn(1, 2, n, 64, generator=gen) + 3 * torch.randn(1, 2, 1, 64, generator=gen)
-    v = torch.randn(1, 2, n, 64, generator=gen)
-    cache = create_cache(4, cfg, 1, 96, torch.float32, "cpu")
+    k = torch.randn(1, hkv, n, 64, generator=gen) + 3 * torch.randn(1, hkv, 1, 64, generator=gen)
+    v = torch.randn(1, hkv, n, 64, generator=gen)
+    cache = Int4KVCache(cfg, 1, 96, torch.float32, "cpu", sink_tokens=sink)
     outs = []
     for lo, hi in ((0, 45), (45, n)):
         pos = torch.arange(lo, hi)
@@ -154,7 +176,7 @@ def test_int4_attention_matches_its_definition():
                                       k[:, :, lo:hi], v[:, :, lo:hi]))
     got = torch.cat(outs, dim=2)[0]  # (H, n, D)
     for t in (0, 30, 31, 32, 44, 45, 62, 63, 64, 74):
-        want = naive_int4_attention(q[0, :, t], k[0], v[0], t)
+        want = naive_int4_attention(q[0, :, t], k[0], v[0], t, sink)
         assert (got[:, t] - want).abs().max().item() <= 1e-5, t
 
 
@@ -163,15 +185,18 @@ def floating_tensors(cache):
             if isinstance(t, torch.Tensor) and t.is_floating_point()}
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_storage_is_quantized_bytes_only(bits):
+@pytest.mark.parametrize("bits,sink", [(8, 0), (4, 0), (4, 4)])
+def test_storage_is_quantized_bytes_only(bits, sink):
     cfg = model_config(head_dim=64, kv_heads=2, layers=3)
-    cache = create_cache(bits, cfg, 2, 128, torch.bfloat16, "cpu")
+    if sink:
+        cache = Int4KVCache(cfg, 2, 128, torch.bfloat16, "cpu", sink_tokens=sink)
+    else:
+        cache = create_cache(bits, cfg, 2, 128, torch.bfloat16, "cpu")
     residual = 0
     for name, t in floating_tensors(cache).items():
         if t.dtype == torch.float16:
             continue  # scales: at most D / 32 per position
-        assert t.shape[-2] == 32, f"{name} {tuple(t.shape)} holds more than the 32-token window"
+        assert t.shape[-2] in (32, sink), f"{name} {tuple(t.shape)}: more than a 16-bit window"
         residual += t.nbytes
     assert residual == (cache.residual_nbytes if bits == 4 else 0)
     assert cache.nbytes == cache.bytes_per_token * cache.max_seq + residual
