@@ -21,7 +21,6 @@ statistics); formats come back on the CPU, ready for the checkpoint writer.
 from __future__ import annotations
 
 import dataclasses
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -268,10 +267,58 @@ def calibrate(source: ModelSource, quant: QuantConfig, settings: CalibrationSett
     bar.close()
 
 
-def calibration_record(settings: CalibrationSettings, text_record: dict, seconds: float,
+def calibration_record(settings: CalibrationSettings, text_record: dict,
                        device: torch.device | str) -> dict:
     """What QuantConfig.calibration stores: method, settings, text (file fingerprint, lines,
-    tokens, seed), device and wall time."""
+    tokens, seed) and device."""
     return {"method": settings.method, "settings": settings.to_dict(), "text": text_record,
-            "seed": text_record.get("seed"), "device": str(device),
-            "seconds": round(seconds, 1), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "seed": text_record.get("seed"), "device": str(device)}
+
+
+def lazy_quantizer(formats: Iterator[tuple[str, WeightFormat]]):
+    """A `quant.convert` Quantizer that takes each module's format from the calibration stream
+    as conversion asks for it (both run in file order, so at most a few formats wait here)."""
+    waiting: dict[str, WeightFormat] = {}
+
+    def quantize(module: str, w: torch.Tensor) -> WeightFormat:
+        while module not in waiting:
+            try:
+                name, fmt = next(formats)
+            except StopIteration:
+                raise QuantConfigError(f"calibration produced no weight for {module!r}") from None
+            waiting[name] = fmt
+        fmt = waiting.pop(module)
+        if (fmt.out_features, fmt.in_features) != tuple(w.shape):
+            raise QuantConfigError(f"{module}: calibrated weight is {fmt.out_features}x"
+                                   f"{fmt.in_features}, the source's {tuple(w.shape)}")
+        return fmt
+
+    return quantize
+
+
+def convert_calibrated(src, out, quant: QuantConfig, settings: CalibrationSettings, *,
+                       calib=None, calib_tokens: int | None = None, seed: int = 0,
+                       device: str = "cpu", dtype: str = "auto", force: bool = False,
+                       progress: bool = True):
+    """`lowbit convert --method search|gptq`: choose calibration text (calibration_text), record
+    it in quant.calibration, and stream the calibrated formats into the checkpoint writer.
+    Returns quant.convert's ConvertSummary."""
+    from lowbit.engine.load import resolve_device, resolve_dtype
+    from lowbit.engine.tokenizer import Tokenizer
+    from lowbit.quant.calibration_text import DEFAULT_TOKENS, DEFAULT_WINDOW, calibration_text
+    from lowbit.quant.convert import convert
+    from lowbit.quant.sources import open_source
+
+    source = open_source(src)
+    source.validate()
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev, source.dtype())
+    tokenizer = Tokenizer.from_files(source.tokenizer_files())
+    window = min(DEFAULT_WINDOW, source.model_config.max_position_embeddings)
+    text = calibration_text(tokenizer, calib, n_tokens=calib_tokens or DEFAULT_TOKENS,
+                            window_len=window, seed=seed)
+    quant = dataclasses.replace(quant, method=settings.method,
+                                calibration=calibration_record(settings, text.record, dev))
+    formats = calibrate(source, quant, settings, text.windows, dev, dt, progress)
+    return convert(src, out, quant, force=force, progress=False,
+                   quantizer=lazy_quantizer(formats))
