@@ -72,7 +72,8 @@ def _build(model, random_shape, dev, dtype, quant, seed):
                    "llama-3.1-8b, llama-2-7b, qwen2.5-7b, smollm2-135m) or an HF config.json")
 @device_options
 @click.option("--weights", default="16,int8,int4", show_default=True,
-              help="comma-separated weight settings: 16, int8, int4")
+              help="comma-separated weight settings: 16, int8, int4, bnb-nf4, bnb-fp4, "
+                   "bnb-int8 (bitsandbytes, run by its own kernels)")
 @click.option("--group-size", default=None, type=int, help="int4/int8 group size [int4: 128]")
 @click.option("--kv", default="16", show_default=True, help="comma-separated KV-cache bits")
 @click.option("--pp", "-p", default=512, show_default=True, type=click.IntRange(0),

@@ -12,14 +12,21 @@ WEIGHT_BITS = {"int8": 8, "int4": 4}
 
 def _quant_config(weights: str, group_size: int | None, symmetric: bool, keep_16bit: tuple,
                   kv: int, method: str):
-    from lowbit.quant.config import DEFAULT_KEEP_16BIT, QuantConfig
+    from lowbit.quant.config import BNB_METHODS, DEFAULT_KEEP_16BIT, QuantConfig
 
+    keep = tuple(dict.fromkeys(DEFAULT_KEEP_16BIT + keep_16bit))
+    if weights in BNB_METHODS:  # bitsandbytes' formats fix their own block size and quantizer
+        if group_size is not None or symmetric or method != "rtn":
+            raise click.ClickException(f"--weights {weights} takes no --group-size, "
+                                       f"--symmetric or --method: bitsandbytes fixes them")
+        from lowbit.quant.bnb import bnb_quant_config
+        return bnb_quant_config(weights, keep_16bit=keep, kv_bits=kv)
     if weights not in WEIGHT_BITS:
-        raise click.ClickException(f"unknown --weights {weights!r}; choose int8 or int4")
+        raise click.ClickException(f"unknown --weights {weights!r}; choose int8, int4 or "
+                                   f"{', '.join(BNB_METHODS)}")
     bits = WEIGHT_BITS[weights]
     if group_size is None and bits == 4:
         group_size = 128
-    keep = tuple(dict.fromkeys(DEFAULT_KEEP_16BIT + keep_16bit))
     return QuantConfig(weight_bits=bits, group_size=group_size, symmetric=symmetric,
                        method=method, keep_16bit=keep, kv_bits=kv)
 
@@ -37,7 +44,9 @@ def format_summary(s) -> str:
 
 @click.command()
 @click.argument("paths", nargs=-1, metavar="[SRC] OUT")
-@click.option("--weights", default="int4", show_default=True, help="int8 or int4")
+@click.option("--weights", default="int4", show_default=True,
+              help="int8, int4, or bitsandbytes' bnb-nf4, bnb-fp4 (blocks of 64, double "
+                   "quantization; -nodq without), bnb-int8 (LLM.int8)")
 @click.option("--group-size", type=int, default=None,
               help="input columns per scale: a power of two from 16 to 1024 "
                    "[default: 128 for int4, one scale per output channel for int8]")

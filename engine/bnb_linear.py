@@ -12,8 +12,12 @@ comparison measures bitsandbytes exactly as its users run it, kernel choices inc
   its own bf16-absmax layout (a second copy of the layer, ~1.03× its size) and runs its bf16
   GEMM; that repack needs in_features % 64 == 0 and out_features % 32 == 0, so other shapes
   raise BackendUnavailable here rather than fail inside bitsandbytes or run another path.
+  The repack happens in the first forward: ~0.1-0.2 s a layer measured on 2 busy EPYC cores,
+  so the default model's first prefill takes tens of seconds; warm-ups absorb it.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +26,17 @@ from lowbit.engine.kernels.registry import BackendUnavailable
 from lowbit.quant.bnb import Bnb4bitWeight, BnbInt8Weight, BnbWeight, bitsandbytes
 
 CPU_REPACK_BLOCK_N = 32  # bitsandbytes' CPU 4-bit layout packs 32 output rows together
+
+
+class _DropInt8CastNotice(logging.Filter):
+    """LLM.int8 always quantizes its input from fp16 and logs so at WARNING on every call whose
+    input is fp32 or bf16 (thousands of lines a generation); the module docstring says it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast from")
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropInt8CastNotice())
 
 
 def _check_cpu_4bit(fmt: Bnb4bitWeight, x: Tensor) -> None:
@@ -94,6 +109,13 @@ class BnbLinear(nn.Module):
         if self._runtime is None or self._runtime[0] != key:
             self._runtime = (key, self._build_runtime(x))
         return self._runtime[1](x)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, cfg) -> "BnbLinear":
+        """`linear` quantized by bitsandbytes as the bnb-* method cfg.method names."""
+        from lowbit.quant.bnb import quantize_bnb
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(quantize_bnb(linear.weight.detach(), cfg.method), bias)
 
     @classmethod
     def empty(cls, method: str, out_features: int, in_features: int, bias: bool,

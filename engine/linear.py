@@ -10,8 +10,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from lowbit.engine.bnb_linear import BnbLinear
 from lowbit.engine.kernels import registry
-from lowbit.quant.config import QuantConfig
+from lowbit.quant.config import BNB_METHODS, QuantConfig
 from lowbit.quant.formats import Int4Weight, Int8Weight
 from lowbit.quant.primitives import num_groups
 from lowbit.quant.quantize import quantize_weight
@@ -131,7 +132,12 @@ def swap_linears(model: nn.Module, cfg: QuantConfig, *,
         if skip(name):
             summary["kept_16bit"].append(name)
             continue
-        if empty:
+        if cfg.method in BNB_METHODS:  # bitsandbytes' formats run in its own modules
+            q = (BnbLinear.empty(cfg.method, linear.out_features, linear.in_features,
+                                 linear.bias is not None, linear.weight.dtype,
+                                 linear.weight.device)
+                 if empty else BnbLinear.from_linear(linear, cfg))
+        elif empty:
             q = QuantizedLinear(linear.in_features, linear.out_features, cfg.weight_bits,
                                 cfg.group_size, cfg.symmetric, bias=linear.bias is not None,
                                 dtype=linear.weight.dtype, device=linear.weight.device)

@@ -20,12 +20,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowbit.engine.bnb_linear import BnbLinear
 from lowbit.engine.linear import QuantizedLinear
 from lowbit.engine.load import LoadedModel, resolve_dtype
 from lowbit.engine.model import Transformer
 from lowbit.engine.rope import inverse_frequencies
 from lowbit.engine.tokenizer import Tokenizer
+from lowbit.quant.bnb import bnb_from_tensors
 from lowbit.quant.checkpoint import CheckpointError, read_checkpoint
+from lowbit.quant.config import BNB_METHODS
 
 
 def _set(model: nn.Module, name: str, value: nn.Module | nn.Parameter) -> None:
@@ -40,17 +43,23 @@ def _owned(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = No
 def load_lowbit_checkpoint(path: Path, device: torch.device, dtype: str) -> LoadedModel:
     ckpt = read_checkpoint(path)
     cfg = ckpt.model_config
-    dt = resolve_dtype(dtype, device, ckpt.dtype)
+    dt = resolve_dtype(dtype, device, ckpt.dtype, quantized=True)
     with torch.device("meta"):
         model = Transformer(cfg)
     quantized = ckpt.quantized_linears()
     for module in quantized:
         stored = ckpt.linear_format(module)
-        fmt = type(stored).from_tensors({k: _owned(v, device) for k, v in stored.tensors().items()},
-                                        stored.group_size, stored.in_features, stored.symmetric)
+        owned = {k: _owned(v, device) for k, v in stored.tensors().items()}
         bias = None
         if cfg.has_bias(module):
             bias = _owned(ckpt.get_tensor(f"{module}.bias"), device, dt)
+        if ckpt.quant.method in BNB_METHODS:  # bitsandbytes' formats run in its own modules
+            fmt = bnb_from_tensors(ckpt.quant.method, owned, stored.out_features,
+                                   stored.in_features, stored.dtype)
+            _set(model, module, BnbLinear(fmt, bias))
+            continue
+        fmt = type(stored).from_tensors(owned, stored.group_size, stored.in_features,
+                                        stored.symmetric)
         _set(model, module, QuantizedLinear.from_format(fmt, bias))
     tied_16bit_head = cfg.tie_word_embeddings and "lm_head" not in quantized
     for name, _ in list(model.named_parameters()):

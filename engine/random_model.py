@@ -10,11 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.engine.bnb_linear import BnbLinear
 from lowbit.engine.linear import QuantizedLinear
 from lowbit.engine.model import Transformer
 from lowbit.engine.rope import inverse_frequencies
 from lowbit.quant.architecture import ModelConfig
-from lowbit.quant.config import QuantConfig
+from lowbit.quant.bnb import quantize_bnb
+from lowbit.quant.config import BNB_METHODS, QuantConfig
 from lowbit.quant.quantize import quantize_weight
 
 WEIGHT_STD = 0.02  # the usual Llama init; keeps activations finite through random layers
@@ -38,7 +40,9 @@ def _materialize(module: nn.Module, device, dtype, gen) -> None:
 
 def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None,
                      quant: QuantConfig) -> nn.Module:
-    """The module that holds `weight` quantized as `quant` asks."""
+    """The module that holds `weight` quantized as `quant` asks (by bitsandbytes for bnb-*)."""
+    if quant.method in BNB_METHODS:
+        return BnbLinear(quantize_bnb(weight, quant.method), bias)
     return QuantizedLinear.from_format(quantize_weight(weight, quant), bias)
 
 

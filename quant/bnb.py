@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor
 
+from .config import BNB_METHODS as CONFIG_BNB_METHODS
+from .config import QuantConfig
 from .formats import FormatError
 
 BLOCKSIZE = 64          # QLoRA's block of consecutive weights sharing one absmax
@@ -283,3 +285,13 @@ def bnb_from_tensors(method: str, tensors: dict, out_features: int, in_features:
     if method in BNB8_METHODS:
         return BnbInt8Weight.from_tensors(tensors, out_features, in_features, dtype)
     raise FormatError(f"unknown bitsandbytes method {method!r}; known: {', '.join(BNB_METHODS)}")
+
+
+def bnb_quant_config(method: str, **settings) -> QuantConfig:
+    """The QuantConfig of a bnb-* method (its bits and block size fixed), plus `settings`
+    (kv_bits, keep_16bit)."""
+    if method not in CONFIG_BNB_METHODS:
+        raise FormatError(f"unknown bitsandbytes method {method!r}; known: "
+                          f"{', '.join(BNB_METHODS)}")
+    bits, block = CONFIG_BNB_METHODS[method]
+    return QuantConfig(weight_bits=bits, group_size=block, method=method, **settings)

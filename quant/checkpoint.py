@@ -38,7 +38,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .architecture import ModelConfig, UnsupportedModelError
-from .config import QuantConfig, QuantConfigError
+from .bnb import BnbWeight, bnb_from_tensors, expected_bnb_tensors
+from .config import BNB_METHODS, QuantConfig, QuantConfigError
 from .formats import FormatError, Int4Weight, Int8Weight
 from .primitives import num_groups
 from .sources import LOWBIT_MARKER
@@ -101,8 +102,12 @@ def quantized_linears(mc: ModelConfig, cfg: QuantConfig) -> dict[str, tuple[int,
 
 def linear_specs(out_features: int, in_features: int, cfg: QuantConfig,
                  dtype: torch.dtype) -> dict[str, TensorSpec]:
-    """Suffix → spec of one quantized linear's tensors (the layouts of formats.py)."""
+    """Suffix → spec of one quantized linear's tensors (the layouts of formats.py and, for
+    the bnb-* methods, of bnb.py)."""
     n, k = out_features, in_features
+    if cfg.method in BNB_METHODS:
+        return {s: TensorSpec(dt, shape) for s, (dt, shape)
+                in expected_bnb_tensors(cfg.method, n, k).items()}
     g = 1 if cfg.group_size is None else num_groups(k, cfg.group_size)
     if cfg.weight_bits == 8:
         return {"qweight": TensorSpec(torch.int8, (n, k)), "scales": TensorSpec(dtype, (n, g))}
@@ -368,7 +373,7 @@ class Checkpoint:
     def quantized_linears(self) -> dict[str, tuple[int, int]]:
         return quantized_linears(self.model_config, self.quant)
 
-    def linear_format(self, module: str) -> Int4Weight | Int8Weight | None:
+    def linear_format(self, module: str) -> Int4Weight | Int8Weight | BnbWeight | None:
         """The quantized weight of linear `module`, or None if it is stored 16-bit."""
         quantized = self.quantized_linears()
         if module not in quantized:
@@ -380,6 +385,9 @@ class Checkpoint:
         tensors = {s: self.get_tensor(f"{module}.{s}") for s in suffixes}
         fmt_cls = Int4Weight if self.quant.weight_bits == 4 else Int8Weight
         try:
+            if self.quant.method in BNB_METHODS:
+                return bnb_from_tensors(self.quant.method, tensors, *quantized[module],
+                                        self.dtype)
             return fmt_cls.from_tensors(tensors, self.quant.group_size, in_features,
                                         self.quant.symmetric)
         except FormatError as e:

@@ -11,7 +11,11 @@ from dataclasses import dataclass, field
 
 WEIGHT_BITS = (16, 8, 4)
 KV_BITS = (16, 8, 4)
-METHODS = ("rtn", "search", "gptq")
+# bitsandbytes' formats, quantized and run by bitsandbytes itself (lowbit.quant.bnb), for
+# side-by-side comparison: method -> (weight bits, block size along the flattened weight)
+BNB_METHODS = {"bnb-nf4": (4, 64), "bnb-fp4": (4, 64), "bnb-nf4-nodq": (4, 64),
+               "bnb-fp4-nodq": (4, 64), "bnb-int8": (8, None)}
+METHODS = ("rtn", "search", "gptq", *BNB_METHODS)
 # Embeddings are a gather, not a matmul: quantizing them saves memory but no decode bandwidth
 # beyond one row per token, so they stay 16-bit unless the user asks otherwise.
 DEFAULT_KEEP_16BIT = ("model.embed_tokens",)
@@ -56,6 +60,12 @@ class QuantConfig:
             raise QuantConfigError(f"KV bits must be one of {KV_BITS}, not {self.kv_bits}")
         if self.method not in METHODS:
             raise QuantConfigError(f"method must be one of {METHODS}, not {self.method!r}")
+        if self.method in BNB_METHODS and ((self.weight_bits, self.group_size)
+                                           != BNB_METHODS[self.method] or self.keep_8bit):
+            bits, block = BNB_METHODS[self.method]
+            raise QuantConfigError(f"{self.method} means {bits}-bit weights, "
+                                   f"{f'blocks of {block}' if block else 'one scale a row'} and "
+                                   f"no keep-8-bit layers")
         if self.group_size is None:
             if self.weight_bits == 4:
                 raise QuantConfigError("int4 needs a group size (32, 64 or 128 are usual)")
@@ -105,6 +115,8 @@ class QuantConfig:
     def name(self) -> str:
         if self.weight_bits == 16:
             return "16"
+        if self.method in BNB_METHODS:
+            return self.method
         g = "pc" if self.group_size is None else f"g{self.group_size}"
         s = "sym" if self.symmetric or self.weight_bits == 8 else "asym"
         return f"int{self.weight_bits}-{g}" + ("" if self.weight_bits == 8 else f"-{s}")

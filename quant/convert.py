@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from .checkpoint import (METADATA_KEY, WEIGHTS_FILE, CheckpointError, SafetensorsWriter,
                          atomic_directory, check_output, expected_tensors, lowbit_json,
                          storage_plan)
-from .config import QuantConfig, QuantConfigError
+from .config import BNB_METHODS, QuantConfig, QuantConfigError
 from .formats import Int4Weight, Int8Weight
 from .progress import Progress
 from .quantize import METHODS, quantize_weight
@@ -52,7 +53,7 @@ class ConvertSummary:
     quantized_weights: int  # weights in linears stored quantized
     quantized_bytes: int  # their qweight + scales (+ zeros) bytes
     seconds: float
-    peak_rss_bytes: int  # of this process (ru_maxrss), mapped source pages included
+    peak_rss_bytes: int  # this process's high-water mark, mapped source pages included
 
     @property
     def ratio(self) -> float:
@@ -68,7 +69,16 @@ class ConvertSummary:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's resident high-water mark: VmHWM where /proc has it (Linux), else
+    ru_maxrss. Linux carries ru_maxrss across exec from the forking parent (a child of a 1.3 GB
+    parent reported 1.3 GB while its own peak was 0.6 GB); VmHWM belongs to the new image."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def source_kind(src: str | Path | ModelSource | None, source: ModelSource) -> str:
@@ -86,7 +96,9 @@ def quantize_in_row_blocks(w: torch.Tensor, cfg: QuantConfig,
     whole: the 525M-weight lm_head of Llama-3-8B would need ~5 GB of scratch.
     """
     rows = max(1, block_weights // max(1, w.shape[1]))
-    if w.shape[0] <= rows:
+    if w.shape[0] <= rows or cfg.method in BNB_METHODS:
+        # bitsandbytes' 4-bit blocks run across rows and its double quantization centres all
+        # block absmaxes on their mean: only the whole matrix gives bitsandbytes' own result
         return quantize_weight(w, cfg)
     # written into preallocated outputs: collecting the blocks and concatenating them held the
     # quantized matrix twice (measured on a 32000 x 4096 fp16 lm_head: anonymous memory peaked

@@ -9,7 +9,8 @@ from typing import Callable
 
 from torch import Tensor
 
-from .config import QuantConfig, QuantConfigError
+from .bnb import BnbWeight, quantize_bnb
+from .config import BNB_METHODS, QuantConfig, QuantConfigError
 from .formats import Int4Weight, Int8Weight
 
 
@@ -20,7 +21,13 @@ def rtn(w: Tensor, cfg: QuantConfig) -> Int4Weight | Int8Weight:
     return Int8Weight.quantize(w, cfg.group_size)
 
 
-METHODS: dict[str, Callable[[Tensor, QuantConfig], Int4Weight | Int8Weight]] = {"rtn": rtn}
+def bnb(w: Tensor, cfg: QuantConfig) -> BnbWeight:
+    """bitsandbytes' own quantizer for the bnb-* method `cfg` names (see quant/bnb.py)."""
+    return quantize_bnb(w, cfg.method)
+
+
+METHODS: dict[str, Callable[[Tensor, QuantConfig], Int4Weight | Int8Weight | BnbWeight]] = {
+    "rtn": rtn, **{name: bnb for name in BNB_METHODS}}
 
 
 def quantize_weight(w: Tensor, cfg: QuantConfig) -> Int4Weight | Int8Weight:

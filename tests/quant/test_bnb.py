@@ -159,3 +159,40 @@ def test_missing_bitsandbytes_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(BnbUnavailable, match="pip install bitsandbytes"):
         quantize_bnb(weight(32, 64), "bnb-nf4")
+
+
+def test_config_and_bnb_module_name_the_same_methods():
+    from lowbit.quant.config import BNB_METHODS as CONFIG_METHODS
+    assert set(CONFIG_METHODS) == set(BNB_METHODS)
+
+
+@pytest.mark.parametrize("method", ["bnb-nf4", "bnb-int8"])
+def test_checkpoint_round_trip_runs_like_quantizing_on_the_fly(tmp_path, method):
+    from helpers import write_tiny_llama
+
+    from lowbit.engine.bnb_linear import BnbLinear
+    from lowbit.engine.kv_cache import create_cache
+    from lowbit.engine.load import load_model
+    from lowbit.quant.bnb import bnb_quant_config
+    from lowbit.quant.checkpoint import read_checkpoint
+    from lowbit.quant.convert import convert
+
+    src = write_tiny_llama(tmp_path / "tiny")  # K in {64, 128}, N in {32, 64, 128, 320}
+    cfg = bnb_quant_config(method)
+    convert(src, tmp_path / "ckpt", cfg, progress=False)
+    ckpt = read_checkpoint(tmp_path / "ckpt")
+    assert ckpt.quant.name == method
+    stored = ckpt.linear_format("model.layers.0.mlp.up_proj")
+    assert isinstance(stored, Bnb4bitWeight if method == "bnb-nf4" else BnbInt8Weight)
+    ckpt.close()
+
+    from_ckpt = load_model(tmp_path / "ckpt", device="cpu", dtype="bf16")
+    on_the_fly = load_model(src, device="cpu", dtype="bf16", quant=cfg)
+    assert isinstance(from_ckpt.model.model.layers[0].mlp.up_proj, BnbLinear)
+    tokens = torch.tensor([[5, 17, 42, 99, 7]])
+    logits = []
+    for loaded in (from_ckpt, on_the_fly):
+        cache = create_cache(16, loaded.config, 1, 8, torch.bfloat16, "cpu")
+        with torch.inference_mode():
+            logits.append(loaded.model(tokens, torch.arange(5), cache, kv_len=5))
+    assert torch.equal(logits[0], logits[1])
