@@ -20,31 +20,29 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import results_path, run_header  # noqa: E402
+from common import write_results  # noqa: E402
 
 from lowbit.engine.device_limits import get_limits  # noqa: E402
 from lowbit.engine.generate import Generation  # noqa: E402
-from lowbit.engine.linear import swap_linears  # noqa: E402
-from lowbit.engine.load import empty_model  # noqa: E402
+from lowbit.engine.load import load_model  # noqa: E402
 from lowbit.engine.model_configs import NAMED_CONFIGS, named_config  # noqa: E402
+from lowbit.engine.random_model import random_model  # noqa: E402
 from lowbit.quant.config import QuantConfig  # noqa: E402
 
 METHODS = {"bf16": None, "int8": QuantConfig(weight_bits=8, group_size=None),
            "int4-g128": QuantConfig(weight_bits=4, group_size=128)}
+DEFAULT_MODEL = "default"  # --config default: the embedded SmolLM2-135M-Instruct, real weights
 
 
-def random_model(cfg, device, seed=0):
-    """Random bf16 weights, generated on the device (an 8B model never touches host memory)."""
-    torch.manual_seed(seed)
-    model = empty_model(cfg, device, torch.bfloat16)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02)
-    model.tie_weights()
-    return model.eval()
+def build(config: str, method: str, device):
+    """(label, model, HF config dict for transformers or a model dir) for one method."""
+    if config == DEFAULT_MODEL:
+        from lowbit.quant.default_model import default_model_dir
+        loaded = load_model(None, device=str(device), dtype="bf16", quant=METHODS[method])
+        return "SmolLM2-135M-Instruct (real weights)", loaded.model, str(default_model_dir())
+    label, cfg = named_config(config)
+    model = random_model(cfg, device, torch.bfloat16, METHODS[method])
+    return f"{label} (random weights)", model, NAMED_CONFIGS[config]
 
 
 def weight_bytes_per_token(model) -> int:
@@ -74,10 +72,12 @@ def time_lowbit(model, prompt_ids, new_tokens, kv_bits=16):
     return gen.stats
 
 
-def time_transformers(model, cfg_dict, prompt_ids, new_tokens, device):
-    """transformers' generate() in bf16 on the very same weight tensors (no copy)."""
+def time_transformers(model, hf_source, prompt_ids, new_tokens, device):
+    """transformers' generate() in bf16 on the very same weight tensors (no copy); `hf_source`
+    is an HF config dict or a model directory."""
     import transformers
-    hf_cfg = transformers.AutoConfig.for_model(**cfg_dict)
+    hf_cfg = (transformers.AutoConfig.from_pretrained(hf_source) if isinstance(hf_source, str)
+              else transformers.AutoConfig.for_model(**hf_source))
     with torch.device(device):
         hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16)
     hf.load_state_dict(model.state_dict(), assign=True, strict=False)  # share our tensors
@@ -105,64 +105,58 @@ def time_transformers(model, cfg_dict, prompt_ids, new_tokens, device):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="llama-3-8b", choices=sorted(NAMED_CONFIGS))
+    ap.add_argument("--config", default="llama-3-8b", choices=sorted(NAMED_CONFIGS) + [DEFAULT_MODEL])
     ap.add_argument("--prompt", type=int, nargs="+", default=[512])
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--methods", default="bf16,int8,int4-g128")
     ap.add_argument("--kv", type=int, nargs="+", default=[16])
     ap.add_argument("--no-transformers", action="store_true")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--name", default="generate")
+    ap.add_argument("--out", default=None, help="folder for the JSON [benchmarks/results/<card>]")
     args = ap.parse_args()
     device = torch.device("cuda")
-    label, cfg = named_config(args.config)
     limits = get_limits(device)
     rows = []
     gen = torch.Generator().manual_seed(0)
     for method in args.methods.split(","):
-        model = random_model(cfg, device)
-        if METHODS[method] is not None:
-            swap_linears(model, METHODS[method])
+        label, model, hf_source = build(args.config, method, device)
         torch.cuda.empty_cache()
         wbytes = weight_bytes_per_token(model)
+        vocab = model.config.vocab_size
         for prompt_len in args.prompt:
-            prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=gen).tolist()
+            prompt = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()
             for kv in args.kv:
                 st = time_lowbit(model, prompt, args.new, kv)
                 kv_read = st.kv_bytes_per_token * (prompt_len + args.new / 2)
-                per_token_s = 1 / st.decode_tok_s
-                row = {"bench": "generate", "method": f"lowbit-{method}", "model": f"{label} (random)",
-                       "weights": method, "kv": kv, "context": prompt_len + args.new,
-                       "prompt": prompt_len, "new_tokens": args.new,
-                       "decode_tok_s": round(st.decode_tok_s, 1),
-                       "decode_GBps": round((wbytes + kv_read) / per_token_s / 1e9, 1),
-                       "decode_frac_copy": round((wbytes + kv_read) / per_token_s / 1e9 / limits.copy_GBps, 3),
-                       "prefill_ms": round(st.prefill_s * 1e3, 2), "ttft_ms": round(st.ttft_s * 1e3, 2),
-                       "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-        if method == "bf16" and not args.no_transformers:
-            from lowbit.engine.model_configs import NAMED_CONFIGS as named
-            for prompt_len in args.prompt:
-                prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=gen).tolist()
-                prefill_s, tok_s = time_transformers(model, named[args.config], prompt, args.new, device)
-                row = {"bench": "generate", "method": "transformers-generate-bf16",
-                       "model": f"{label} (random)", "weights": "bf16", "kv": 16,
-                       "context": prompt_len + args.new, "prompt": prompt_len, "new_tokens": args.new,
-                       "decode_tok_s": round(tok_s, 1), "prefill_ms": round(prefill_s * 1e3, 2),
-                       "ttft_ms": round(prefill_s * 1e3, 2), "peak_mem_gb": None}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                gbps = (wbytes + kv_read) * st.decode_tok_s / 1e9
+                rows.append({"bench": "generate", "method": f"lowbit-{method}", "model": label,
+                             "weights": method, "kv": kv, "context": prompt_len + args.new,
+                             "prompt": prompt_len, "new_tokens": args.new,
+                             "decode_tok_s": round(st.decode_tok_s, 1),
+                             "decode_GBps": round(gbps, 1),
+                             "decode_frac_copy": round(gbps / limits.copy_GBps, 3),
+                             "prefill_ms": round(st.prefill_s * 1e3, 2),
+                             "ttft_ms": round(st.ttft_s * 1e3, 2),
+                             "peak_mem_gb": round(st.peak_mem_bytes / 1e9, 2)})
+                print(json.dumps(rows[-1]), flush=True)
+            if method == "bf16" and not args.no_transformers:
+                prefill_s, tok_s = time_transformers(model, hf_source, prompt, args.new, device)
+                rows.append({"bench": "generate", "method": "transformers-generate-bf16",
+                             "model": label, "weights": "bf16", "kv": 16,
+                             "context": prompt_len + args.new, "prompt": prompt_len,
+                             "new_tokens": args.new, "decode_tok_s": round(tok_s, 1),
+                             "prefill_ms": round(prefill_s * 1e3, 2),
+                             "ttft_ms": round(prefill_s * 1e3, 2), "peak_mem_gb": None})
+                print(json.dumps(rows[-1]), flush=True)
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    out = Path(args.out) if args.out else results_path("generate.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**run_header(limits), "rows": rows}, indent=1))
+    path = write_results(args.name, rows, limits, out_dir=args.out)
     print(f"{'method':<28}{'prompt':>7}{'kv':>4}{'tok/s':>9}{'GB/s':>8}{'prefill ms':>12}{'peak GB':>9}")
     for r in rows:
         print(f"{r['method']:<28}{r['prompt']:>7}{r['kv']:>4}{r['decode_tok_s']:>9}"
               f"{str(r.get('decode_GBps', '-')):>8}{r['prefill_ms']:>12}{str(r['peak_mem_gb']):>9}")
-    print(f"wrote {out}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
