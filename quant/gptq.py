@@ -48,16 +48,20 @@ def inverse_cholesky(hessian: Tensor, damp: float) -> Tensor:
 
     Dead inputs (diag 0: never active in calibration) get H_jj = 1, which decouples them: their
     weights are rounded to nearest and push no error elsewhere."""
-    h = hessian.double().clone()  # fp64: the inverse of a 1536x1536 H loses ~4 digits in fp32
-    diag = h.diagonal()
-    dead = diag == 0
-    diag[dead] = 1
+    # fp64: a damped H with outlier channels can be too ill-conditioned for an fp32 Cholesky of
+    # its inverse; K x K in fp64 is at most 1.6 GB (K = 14336)
+    h = hessian.double().clone()
+    diag = h.diagonal()  # a view: adding to it damps h in place, no K x K identity needed
+    diag[diag == 0] = 1
     lam = damp * float(diag.mean())
+    added = 0.0
     for _ in range(DAMP_RETRIES + 1):
-        chol, info = torch.linalg.cholesky_ex(h + lam * torch.eye(h.shape[0], dtype=h.dtype,
-                                                                   device=h.device))
+        diag += lam - added
+        added = lam
+        chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             inv = torch.cholesky_inverse(chol)
+            del chol
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
             if int(info) == 0:
                 return upper.float()
@@ -86,14 +90,14 @@ def _processing_order(importance: Tensor, gs: int, order: str) -> Tensor:
     return torch.cat(runs)
 
 
-def _blocks(group_of: Tensor, block_size: int, aligned: bool) -> list[tuple[int, int]]:
+def _blocks(group_of: list[int], block_size: int, aligned: bool) -> list[tuple[int, int]]:
     """[b0, b1) column ranges in processing order. Aligned: cut only where the group changes,
     after at least block_size columns (a group is then never split across blocks, so it is up to
     date when its (s, z) are searched)."""
-    k = group_of.shape[0]
+    k = len(group_of)
     if not aligned:
         return [(b0, min(b0 + block_size, k)) for b0 in range(0, k, block_size)]
-    cuts = (torch.nonzero(group_of[1:] != group_of[:-1]).flatten() + 1).tolist() + [k]
+    cuts = [j for j in range(1, k) if group_of[j] != group_of[j - 1]] + [k]
     blocks, b0 = [], 0
     for c in cuts:
         if c - b0 >= block_size or c == k:
@@ -136,7 +140,7 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int = 4, group_size: int | N
     # the Cholesky factor depends on the column order: permute H first, then factor
     u = inverse_cholesky(hessian.to(w.device)[perm][:, perm], damp)
     imp = importance[perm]
-    group_of = perm // gs  # (K,) the group of each column in processing order
+    group_of = (perm // gs).tolist()  # the group of each column in processing order
     codes = torch.empty(n, k, device=w.device)
 
     for b0, b1 in _blocks(group_of, block_size, aligned=dynamic):
@@ -145,9 +149,9 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int = 4, group_size: int | N
         ub = u[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = b0 + i
-            g = int(group_of[col])
-            if dynamic and (i == 0 or int(group_of[col - 1]) != g):
-                width = int((group_of[col:b1] == g).sum())
+            g = group_of[col]
+            if dynamic and (i == 0 or group_of[col - 1] != g):
+                width = group_of[col:b1].count(g)
                 s, z = search_params(block[:, i:i + width], imp[col:col + width], bits, gs,
                                      symmetric, sdt)
                 scale[:, g], zero[:, g] = s[:, 0], z[:, 0]

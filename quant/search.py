@@ -26,14 +26,15 @@ from torch import Tensor
 from .formats import INT4_SYMMETRIC_ZERO, Int4Weight, Int8Weight, _scale_dtype
 from .primitives import QuantizationError, _check, num_groups, pack_int4, symmetric_range
 
-# Clipping ratios tried for each group: the grid spans ratio × the group's range. Measured on the
-# default model's layer-0..29 linears with their calibration importance (int4 g128, asym): the
-# chosen ratio lies in [0.55, 1.0] for 99.6% of groups; ratios above 1 won 0.1%. 17 ratios cost
-# ~2x fewer than 33 for 0.3% more weighted error.
+# Clipping ratios tried for each group: the grid spans ratio × the group's range (widened to 0).
+# Measured on the default model's layers 0-2 (21 linears, int4 g128, importance from 4096
+# calibration tokens), weighted error relative to RTN's: these 17 ratios with 2 refits 0.617;
+# 33 ratios 0.617; 9 ratios 0.619; 25 ratios from 0.3 0.617; the single ratio 1.0 0.668.
 DEFAULT_RATIOS = tuple(torch.linspace(0.5, 1.05, 17).tolist())
-# Closed-form refits after the grid search; the third changed < 0.05% of groups on the default model.
+# Closed-form refits of s after the grid: 0 refits 0.626, 1 0.618, 2 0.617, 3 0.617 (as above).
 REFIT_ROUNDS = 2
-# Elements per chunk of rows: bounds the search's temporaries (~10 fp32 tensors of this size).
+# Elements per chunk of rows: bounds the search's temporaries (~10 fp32 tensors of this size);
+# a 1536x576 search took 0.24 s in chunks of 2^18, 0.77 s in one of 2^21 (cache-resident or not).
 CHUNK_ELEMENTS = 1 << 18
 
 
