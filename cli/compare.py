@@ -15,7 +15,8 @@ from lowbit.cli.options import device_options
 from lowbit.cli.report import human_bytes
 
 WEIGHT_SPEC = re.compile(r"int(?P<bits>\d+)(?:-g(?P<group>\d+))?(?P<sym>-sym)?")
-WEIGHT_EXAMPLES = "16, int8, int8-g128, int4, int4-g64, int4-g32, int4-g128-sym"
+WEIGHT_EXAMPLES = ("16, int8, int8-g128, int4, int4-g64, int4-g32, int4-g128-sym, "
+                   "bnb-nf4, bnb-fp4, bnb-int8 (bitsandbytes)")
 KV_CHOICES = (16, 8, 4)
 DEFAULT_INT4_GROUP = 128
 
@@ -30,10 +31,14 @@ def parse_weights(spec: str, group_size: int | None, keep_16bit: tuple[str, ...]
     """"16" → None; "int{bits}[-g{N}][-sym]" → QuantConfig. `group_size` (from --group-size)
     applies where the spec names no group: int8 is otherwise per channel, int4 group 128.
     `keep_16bit` patterns add to the default (the embeddings)."""
-    from lowbit.quant.config import DEFAULT_KEEP_16BIT, QuantConfig, QuantConfigError
+    from lowbit.quant.config import BNB_METHODS, DEFAULT_KEEP_16BIT, QuantConfig, QuantConfigError
 
     if spec == "16":
         return None
+    if spec in BNB_METHODS:  # bitsandbytes' formats fix their own block size
+        from lowbit.quant.bnb import bnb_quant_config
+        return bnb_quant_config(spec, keep_16bit=tuple(dict.fromkeys(DEFAULT_KEEP_16BIT
+                                                                     + keep_16bit)))
     m = WEIGHT_SPEC.fullmatch(spec)
     if m is None or int(m["bits"]) not in (4, 8):
         raise click.ClickException(f"--weights: unknown spec {spec!r}; use {WEIGHT_EXAMPLES}")
@@ -113,8 +118,11 @@ def write_json_atomic(path: Path, data: dict) -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from lowbit.cli.errors import USER_ERRORS
     from lowbit.engine.evaluate import EvaluationError
+    from lowbit.engine.device_limits import DeviceLimitsError
+    from lowbit.engine.plot import PlotError, PlotUnavailable
     from lowbit.quant.text import TextError
-    return (TextError, EvaluationError, *USER_ERRORS)
+    return (TextError, EvaluationError, DeviceLimitsError, PlotError, PlotUnavailable,
+            *USER_ERRORS)
 
 
 @click.command()
@@ -139,9 +147,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
               help="new tokens of the speed run (greedy, after a 128-token prompt from the text)")
 @click.option("--json", "json_path", default=None, metavar="PATH",
               help="also write the results as JSON to PATH")
+@click.option("--plot", "plot_path", default=None, metavar="PATH",
+              help="also draw a roofline chart and per-variant bars to PATH (.png, .svg or "
+                   ".pdf); needs pip install 'lowbit[plot]'")
 @device_options
 def compare(model, weights, kv, group_size, keep_16bit, text_path, n_windows, window_len,
-            gen_tokens, json_path, device, dtype):
+            gen_tokens, json_path, plot_path, device, dtype):
     """Compare quantized variants of MODEL with its 16-bit self: perplexity, KL divergence and
     top-1 agreement on the same text windows, bits per weight, bytes, speed and peak memory.
 
@@ -151,6 +162,9 @@ def compare(model, weights, kv, group_size, keep_16bit, text_path, n_windows, wi
     dequantized].
     """
     from lowbit.engine.compare import compare as run_compare
+    from lowbit.engine.device_limits import get_limits
+    from lowbit.engine.load import resolve_device
+    from lowbit.engine.plot import check_plot_path, plot_comparison, require_matplotlib
     from lowbit.quant.text import default_text_path, read_text
 
     variants = parse_variants(weights, kv, group_size, keep_16bit)
@@ -158,11 +172,15 @@ def compare(model, weights, kv, group_size, keep_16bit, text_path, n_windows, wi
         raise click.ClickException(f"--json {json_path}: the folder does not exist")
     log = lambda message: click.echo(message, err=True)  # noqa: E731
     try:
+        if plot_path:  # refuse before the long run, not after it
+            check_plot_path(Path(plot_path))
+            require_matplotlib()
         path = Path(text_path) if text_path else default_text_path()
         text = read_text(path)
+        limits = get_limits(resolve_device(device), announce=log)
         result = run_compare(model, text, variants, text_label=str(path), device=device,
                              dtype=dtype, n_windows=n_windows, window_len=window_len,
-                             gen_tokens=gen_tokens, log=log)
+                             gen_tokens=gen_tokens, log=log, limits=limits)
     except _user_errors() as e:
         raise click.ClickException(str(e)) from None
     w = result.windows
@@ -175,3 +193,6 @@ def compare(model, weights, kv, group_size, keep_16bit, text_path, n_windows, wi
     click.echo(format_table(result))
     if json_path:
         write_json_atomic(Path(json_path), result.to_dict())
+    if plot_path:
+        plot_comparison(result.to_dict(), Path(plot_path))
+        log(f"wrote {plot_path}")

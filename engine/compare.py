@@ -28,8 +28,10 @@ import torch
 
 from lowbit.engine.evaluate import (EvaluationError, Tally, Windows, bits_per_weight,
                                     check_window_fits, next_token_log_probs, split_windows)
+from lowbit.engine.device_limits import DeviceLimits
 from lowbit.engine.generate import Generation
 from lowbit.engine.load import LoadedModel, load_model
+from lowbit.engine.profile import generation_phase_report
 from lowbit.quant.config import DEFAULT_KEEP_16BIT, QuantConfig
 from lowbit.quant.sources import is_lowbit_checkpoint
 
@@ -75,6 +77,7 @@ class Row:
     prefill_tok_s: float = 0.0
     decode_tok_s: float = 0.0
     peak_mem_bytes: int | None = None  # None where the platform has no resettable peak
+    phases: dict | None = None  # profile.phase_report of the speed run (None: no device limits)
 
     def to_dict(self) -> dict:
         return {"name": self.variant.name, "weights": self.variant.weights,
@@ -83,7 +86,7 @@ class Row:
                 "bits_per_weight": self.bits_per_weight, "weight_bytes": self.weight_bytes,
                 "kv_bytes_per_token": self.kv_bytes_per_token,
                 "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
-                "peak_mem_bytes": self.peak_mem_bytes}
+                "peak_mem_bytes": self.peak_mem_bytes, "phases": self.phases}
 
 
 @dataclass
@@ -163,9 +166,10 @@ def _generate(model, prompt: list[int], kv_bits: int, gen_tokens: int) -> Genera
 
 
 def measure_speed(loaded: LoadedModel, variant: Variant, prompt: list[int], gen_tokens: int,
-                  row: Row) -> None:
+                  row: Row, limits: DeviceLimits | None = None) -> None:
     """Fill the speed, bytes and memory fields of `row`: one warm-up generation (first calls
-    pay for kernel compilation and allocator growth), then one measured."""
+    pay for kernel compilation and allocator growth), then one measured; with `limits`, also
+    its per-phase roofline diagnosis."""
     _generate(loaded.model, prompt, variant.kv_bits, gen_tokens)
     memory = RunMemory(loaded.device)
     memory.start()
@@ -175,6 +179,8 @@ def measure_speed(loaded: LoadedModel, variant: Variant, prompt: list[int], gen_
     row.weight_bytes, row.kv_bytes_per_token = st.weight_bytes, st.kv_bytes_per_token
     row.prefill_tok_s, row.decode_tok_s = st.prefill_tok_s, st.decode_tok_s
     row.peak_mem_bytes = None if added is None else st.weight_bytes + max(added, 0)
+    if limits is not None:
+        row.phases = generation_phase_report(loaded.model, st, limits, variant.weights)
 
 
 def measure_accuracy(models: dict[str, LoadedModel], variants: list[Variant], windows: Windows,
@@ -202,9 +208,11 @@ def measure_accuracy(models: dict[str, LoadedModel], variants: list[Variant], wi
 
 def compare(path, text: str, variants: list[Variant], *, text_label: str, device: str = "auto",
             dtype: str = "auto", n_windows: int = 8, window_len: int = 1024, gen_tokens: int = 32,
-            log: Callable[[str], None] = lambda _: None) -> Comparison:
+            log: Callable[[str], None] = lambda _: None,
+            limits: DeviceLimits | None = None) -> Comparison:
     """The reference (16-bit weights as stored, 16-bit KV) and each variant on the same windows
-    of `text`; `variants` must not contain the reference."""
+    of `text`; `variants` must not contain the reference. With the device's `limits`, every
+    row carries its per-phase roofline diagnosis."""
     if path is not None and is_lowbit_checkpoint(Path(path)):
         raise EvaluationError(f"{path} is a lowbit checkpoint: compare needs the 16-bit model it "
                               f"came from (an HF directory or a GGUF file) as the reference")
@@ -226,7 +234,7 @@ def compare(path, text: str, variants: list[Variant], *, text_label: str, device
             models[v.weights] = load_model(path, device=dev, dtype=dt, quant=v.quant)
     rows = {v: Row(v) for v in [REFERENCE, *variants]}
     for v in [REFERENCE, *variants]:
-        measure_speed(models[v.weights], v, prompt, gen_tokens, rows[v])
+        measure_speed(models[v.weights], v, prompt, gen_tokens, rows[v], limits)
         r = rows[v]
         log(f"speed {v.name}: prefill {r.prefill_tok_s:.1f} tok/s, decode {r.decode_tok_s:.1f} tok/s")
     measure_accuracy(models, variants, windows, rows, log)

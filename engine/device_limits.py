@@ -222,6 +222,7 @@ def _write_cache(path: Path, data: dict) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; it holds nothing secret
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -123,13 +123,18 @@ def _bars(ax, rows, colors, key: str, title: str, fmt: str) -> None:
     ax.grid(True, axis="y", alpha=0.3)
 
 
-def plot_comparison(comparison: dict, path: str | Path) -> Path:
-    """Write the report image to `path` (.png, .svg or .pdf), atomically; returns the path."""
-    path = Path(path)
+def check_plot_path(path: Path) -> None:
+    """PlotError unless `path` names an image file lowbit can write."""
     if path.suffix.lower() not in FORMATS:
         raise PlotError(f"{path}: plot files end in {', '.join(FORMATS)}")
     if not path.parent.is_dir():
-        raise PlotError(f"{path.parent} is not a directory")
+        raise PlotError(f"{path}: the folder {path.parent} does not exist")
+
+
+def plot_comparison(comparison: dict, path: str | Path) -> Path:
+    """Write the report image to `path` (.png, .svg or .pdf), atomically; returns the path."""
+    path = Path(path)
+    check_plot_path(path)
     Figure, Canvas = require_matplotlib()
     rows = _rows(comparison)
     fig = Figure(figsize=(16, 8.5), layout="constrained")

@@ -47,7 +47,7 @@ def test_report_png_is_written(tmp_path, with_phases):
 def test_bad_target_is_refused_before_drawing(tmp_path):
     with pytest.raises(PlotError, match="end in .png"):
         plot_comparison(comparison(), tmp_path / "report.txt")
-    with pytest.raises(PlotError, match="not a directory"):
+    with pytest.raises(PlotError, match="does not exist"):
         plot_comparison(comparison(), tmp_path / "missing" / "report.png")
     pytest.importorskip("matplotlib")
     with pytest.raises(PlotError, match="not a comparison"):
