@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from lowbit.engine.kv_cache import CACHE_CLASSES, KVCacheError
-from lowbit.engine.kernels.triton_kv_update import write_decode_token
 from lowbit.quant.architecture import ModelConfig
 from lowbit.quant.primitives import dequantize_affine, pack_int4, quantize_affine, unpack_int4
 
@@ -119,6 +118,8 @@ class Int8KVCache(_QuantizedCache):
         return q.view(b, h, t, d), scale.view(b, h, t)
 
     def update(self, layer: int, positions: Tensor, k: Tensor, v: Tensor) -> None:
+        # imported here: the kernels package imports this module for its reference attention
+        from lowbit.engine.kernels.triton_kv_update import write_decode_token
         if write_decode_token(self, layer, positions, k, v):  # one token on CUDA: no host sync
             return
         p0 = self._first_position(positions, k)
@@ -208,6 +209,8 @@ class Int4KVCache(_QuantizedCache):
         self.chunk_prior: tuple[int, int, Tensor] | None = None
 
     def update(self, layer: int, positions: Tensor, k: Tensor, v: Tensor) -> None:
+        # imported here: the kernels package imports this module for its reference attention
+        from lowbit.engine.kernels.triton_kv_update import write_decode_token
         if write_decode_token(self, layer, positions, k, v):  # one token on CUDA: no host sync
             return
         p0 = self._first_position(positions, k)
