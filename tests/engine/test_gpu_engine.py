@@ -38,7 +38,7 @@ def window_logits(loaded, ids):
 
 @pytest.mark.parametrize("bits,group", [(4, 128), (4, 64), (8, None)])
 def test_gpu_kernels_agree_with_cpu_reference(bits, group):
-    from lowbit.engine.text import default_text_path
+    from lowbit.quant.text import default_text_path
     quant = QuantConfig(weight_bits=bits, group_size=group)
     cpu = load_model(None, device="cpu", dtype="fp32", quant=quant)
     gpu = load_model(None, device="cuda", dtype="fp16", quant=quant)
