@@ -22,7 +22,7 @@ import torch
 from .checkpoint import (METADATA_KEY, WEIGHTS_FILE, CheckpointError, SafetensorsWriter,
                          atomic_directory, check_output, expected_tensors, lowbit_json,
                          storage_plan)
-from .config import QuantConfig, QuantConfigError
+from .config import BNB_METHODS, QuantConfig, QuantConfigError
 from .formats import Int4Weight, Int8Weight
 from .progress import Progress
 from .quantize import METHODS, quantize_weight
@@ -96,7 +96,9 @@ def quantize_in_row_blocks(w: torch.Tensor, cfg: QuantConfig,
     whole: the 525M-weight lm_head of Llama-3-8B would need ~5 GB of scratch.
     """
     rows = max(1, block_weights // max(1, w.shape[1]))
-    if w.shape[0] <= rows:
+    if w.shape[0] <= rows or cfg.method in BNB_METHODS:
+        # bitsandbytes' 4-bit blocks run across rows and its double quantization centres all
+        # block absmaxes on their mean: only the whole matrix gives bitsandbytes' own result
         return quantize_weight(w, cfg)
     # written into preallocated outputs: collecting the blocks and concatenating them held the
     # quantized matrix twice (measured on a 32000 x 4096 fp16 lm_head: anonymous memory peaked
