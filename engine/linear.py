@@ -113,7 +113,8 @@ class QuantizedLinear(nn.Module):
 def swap_linears(model: nn.Module, cfg: QuantConfig, *,
                  skip: Callable[[str], bool] | None = None, empty: bool = False) -> dict:
     """Replace every nn.Linear whose name `skip` rejects (default: cfg.keeps_16bit) by a
-    QuantizedLinear, in place. lm_head is quantized unless a keep_16bit pattern names it.
+    QuantizedLinear, in place. lm_head is quantized unless a keep_16bit pattern names it or it is
+    a tied one (QuantConfig.stays_16bit).
 
     empty=True builds uninitialised QuantizedLinear shells of the right shapes instead of
     quantizing (for filling from a lowbit checkpoint; works on a meta-device model).
@@ -125,7 +126,8 @@ def swap_linears(model: nn.Module, cfg: QuantConfig, *,
     if isinstance(model, nn.Linear):
         raise ValueError("swap_linears replaces linears inside a model; wrap a bare nn.Linear "
                          "with QuantizedLinear.from_linear instead")
-    skip = skip or cfg.keeps_16bit
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    skip = skip or (lambda name: cfg.stays_16bit(name, tied))
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     summary = {"quantized": 0, "kept_16bit": [], "bytes_before": 0, "bytes_after": 0}
     for name, linear in linears:

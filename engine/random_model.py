@@ -67,7 +67,7 @@ def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
             _materialize(module, device, dtype, gen)
     model.rotary.inv_freq = inverse_frequencies(cfg).to(device)  # fp32 whatever the model dtype
     if cfg.tie_word_embeddings:
-        if quant is not None and not quant.keeps_16bit("lm_head"):
+        if quant is not None and not quant.stays_16bit("lm_head", tied_embeddings=True):
             model.lm_head = quantized_linear(model.model.embed_tokens.weight, None, quant)
         else:
             model.tie_weights()

@@ -13,11 +13,11 @@ A linear stored quantized (every linear not kept 16-bit, see `quantized_linears`
 (when the layer has one), laid out as `lowbit.quant.formats` documents. Every other tensor
 (embedding, norms, linears kept 16-bit, biases) keeps its HF name and shape in `dtype`.
 
-A tied model's lm_head has no tensor of its own in the source; unless a keep_16bit pattern names
-`lm_head`, the checkpoint stores a quantized `lm_head` made from the embedding (what the engine's
-module swap does on the fly): the embedding is a gather (one row a token), lm_head a full matmul
-(all V x H weights a token: 57 MB of the default model's 16-bit 270 MB), so quantizing it is
-where the decode bandwidth is. The 16-bit embedding stays for the gather.
+A tied model's lm_head has no tensor of its own in the source. By default it stays the 16-bit
+embedding (QuantConfig.stays_16bit); with quantize_tied_lm_head the checkpoint stores a quantized
+`lm_head` made from the embedding (what the engine's module swap does on the fly): the embedding
+is a gather (one row a token), lm_head a full matmul (all V x H weights a token: 57 MB of the
+default model's 16-bit 270 MB), so that trades memory and accuracy for decode bandwidth.
 
 Reading validates lowbit.json, config.json and every tensor's name, dtype, shape and byte range
 against the set `expected_tensors` derives from config.json and the QuantConfig alone, before
@@ -91,13 +91,14 @@ class StoredItem:
 
 def quantized_linears(mc: ModelConfig, cfg: QuantConfig) -> dict[str, tuple[int, int]]:
     """Module name → (out_features, in_features) of every linear stored quantized: those no
-    keep_16bit pattern names, a tied model's lm_head included (see the module docstring)."""
+    keep_16bit pattern names; a tied model's lm_head only with quantize_tied_lm_head."""
     if cfg.weight_bits == 16:
         return {}
     shapes = dict(mc.linear_shapes())
     if mc.tie_word_embeddings:
         shapes["lm_head"] = (mc.vocab_size, mc.hidden_size)
-    return {name: s for name, s in shapes.items() if not cfg.keeps_16bit(name)}
+    tied = mc.tie_word_embeddings
+    return {name: s for name, s in shapes.items() if not cfg.stays_16bit(name, tied)}
 
 
 def linear_specs(out_features: int, in_features: int, cfg: QuantConfig,
@@ -124,12 +125,12 @@ def storage_plan(mc: ModelConfig, cfg: QuantConfig, dtype: torch.dtype) -> list[
     for name, shape in mc.tensor_shapes().items():
         module, _, leaf = name.rpartition(".")
         if leaf == "weight" and module in quantized:
-            specs = linear_specs(*quantized[module], cfg, dtype)
+            specs = linear_specs(*quantized[module], cfg.for_module(module), dtype)
             plan.append(StoredItem(name, module, {f"{module}.{s}": t for s, t in specs.items()}))
         else:
             plan.append(StoredItem(name, None, {name: TensorSpec(dtype, tuple(shape))}))
     if mc.tie_word_embeddings and "lm_head" in quantized:
-        specs = linear_specs(*quantized["lm_head"], cfg, dtype)
+        specs = linear_specs(*quantized["lm_head"], cfg.for_module("lm_head"), dtype)
         plan.append(StoredItem("model.embed_tokens.weight", "lm_head",
                                {f"lm_head.{s}": t for s, t in specs.items()}))
     return plan
@@ -381,15 +382,15 @@ class Checkpoint:
                 return None
             raise CheckpointError(f"{self.path}: {module!r} is not a linear layer of this model")
         _, in_features = quantized[module]
-        suffixes = linear_specs(*quantized[module], self.quant, self.dtype)
+        cfg = self.quant.for_module(module)  # a keep_8bit module is per-channel int8
+        suffixes = linear_specs(*quantized[module], cfg, self.dtype)
         tensors = {s: self.get_tensor(f"{module}.{s}") for s in suffixes}
-        fmt_cls = Int4Weight if self.quant.weight_bits == 4 else Int8Weight
+        fmt_cls = Int4Weight if cfg.weight_bits == 4 else Int8Weight
         try:
             if self.quant.method in BNB_METHODS:
                 return bnb_from_tensors(self.quant.method, tensors, *quantized[module],
                                         self.dtype)
-            return fmt_cls.from_tensors(tensors, self.quant.group_size, in_features,
-                                        self.quant.symmetric)
+            return fmt_cls.from_tensors(tensors, cfg.group_size, in_features, cfg.symmetric)
         except FormatError as e:
             raise CheckpointError(f"{self.weights_path}: linear {module!r}: {e}") from None
 

@@ -105,9 +105,14 @@ class HFDirectorySource(ModelSource):
         return tuple(self._open(self._file(name)).get_slice(name).get_shape())
 
     def get_tensor(self, name: str) -> torch.Tensor:
+        """Read through a handle opened for this one tensor: a long-lived handle keeps every page
+        it has read mapped, so streaming a 4.5 GB model through it peaked at 4.90 GB resident;
+        a fresh handle per tensor peaked at 0.60 GB (benchmarks/convert_memory.py)."""
         file = self._file(name)
+        self._open(file)  # a clear error for an unreadable file, once
         try:
-            return self._open(file).get_tensor(name)
+            with safe_open(str(self.path / file), framework="pt") as f:
+                return f.get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ModelSourceError(f"{self.path / file}: cannot read tensor {name!r}, file "
                                    f"truncated or corrupt ({e})") from None

@@ -54,13 +54,23 @@ def test_round_trip_equals_quantize_weight(tmp_path, name):
     assert 4 < summary.bits_per_weight_linears < 9
 
 
-def test_fp32_source_stored_in_bf16_and_tied_head_quantized(tmp_path):
+def test_fp32_source_stored_in_bf16_and_tied_head_kept_16bit_by_default(tmp_path):
     src = write_tiny_llama(tmp_path / "src", tie=True, dtype=torch.float32)
     cfg = QuantConfig(weight_bits=4, group_size=32)
     convert(str(src), tmp_path / "out", cfg, progress=False)
     ckpt = read_checkpoint(tmp_path / "out")
     assert ckpt.dtype == torch.bfloat16
-    assert "lm_head.qweight" in ckpt.tensor_names() and "lm_head.weight" not in ckpt.tensor_names()
+    names = ckpt.tensor_names()
+    assert not any(n.startswith("lm_head.") for n in names)  # the embedding serves as lm_head
+    assert_round_trip(src, tmp_path / "out", cfg)
+
+
+def test_tied_head_quantized_on_request(tmp_path):
+    src = write_tiny_llama(tmp_path / "src", tie=True, dtype=torch.float32)
+    cfg = QuantConfig(weight_bits=4, group_size=32, quantize_tied_lm_head=True)
+    convert(str(src), tmp_path / "out", cfg, progress=False)
+    names = read_checkpoint(tmp_path / "out").tensor_names()
+    assert "lm_head.qweight" in names and "lm_head.weight" not in names
     assert_round_trip(src, tmp_path / "out", cfg)
 
 
@@ -110,7 +120,10 @@ def test_loaded_checkpoint_logits_equal_on_the_fly_quantization(tmp_path, model_
     ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
     loaded = load_model(tmp_path / "out", device="cpu", dtype="bf16")
     fly = load_model(src, device="cpu", dtype="bf16", quant=cfg)
-    assert loaded.quant == cfg and isinstance(loaded.model.lm_head, QuantizedLinear)
+    assert loaded.quant == cfg
+    # a tied lm_head stays the 16-bit embedding by default; an untied one is quantized
+    assert isinstance(loaded.model.lm_head, QuantizedLinear) is not tie
+    assert isinstance(fly.model.lm_head, QuantizedLinear) is not tie
     got, want = logits(loaded, ids), logits(fly, ids)
     assert (got - want).abs().max().item() <= 1e-6
     assert logits(load_model(tmp_path / "out", device="cpu", dtype="fp32"), ids).dtype == torch.float32
