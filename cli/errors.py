@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 import torch
 
+from lowbit.engine.evaluate import EvaluationError
 from lowbit.engine.generate import ContextTooLongError, EmptyPromptError
 from lowbit.engine.kernels.registry import BackendUnavailable
 from lowbit.engine.kv_cache import KVCacheError
@@ -15,12 +16,13 @@ from lowbit.quant.checkpoint import CheckpointError
 from lowbit.quant.config import QuantConfigError
 from lowbit.quant.formats import FormatError
 from lowbit.quant.sources import ModelSourceError
+from lowbit.quant.text import TextError
 
 # Every exception lowbit raises for bad input or an impossible request.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ContextTooLongError, EmptyPromptError, BackendUnavailable, KVCacheError, LoadError,
     SamplingError, TokenizerError, UnsupportedModelError, CheckpointError, QuantConfigError,
-    FormatError, ModelSourceError)
+    FormatError, ModelSourceError, TextError, EvaluationError)
 
 
 class LowbitGroup(click.Group):
