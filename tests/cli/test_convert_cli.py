@@ -51,7 +51,7 @@ def test_int8_defaults_to_per_channel(src, tmp_path):
     (["--weights", "int4", "--group-size", "100"], "power of two"),
     (["--weights", "int4", "--group-size", "2048"], "power of two"),
     (["--kv", "3"], "KV bits"),
-    (["--method", "gptq"], "needs calibration"),
+    (["--calib", "calib.txt"], "need --method search or gptq"),
 ])
 def test_bad_options_exit_1_with_one_line(src, tmp_path, args, message):
     line = one_error_line(run(src, tmp_path / "out", *args))
@@ -81,4 +81,6 @@ def test_one_positional_converts_the_default_model(tmp_path):
     assert result.exit_code == 0, result.output
     ckpt = read_checkpoint(tmp_path / "smol")
     assert ckpt.source["kind"] == "default-model"
-    assert "lm_head.qweight" in ckpt.tensor_names()
+    names = ckpt.tensor_names()
+    assert "model.layers.29.mlp.down_proj.qweight" in names
+    assert not any(n.startswith("lm_head.") for n in names)  # tied: the embedding is the head
