@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from lowbit.cli.options import backend_option, device_options, quant_config_from
+from lowbit.engine.model_configs import NAMED_CONFIGS
 
 
 def _split(value: str) -> list[str]:
@@ -65,11 +66,43 @@ def _build(model, random_shape, dev, dtype, quant, seed):
     return loaded.model, loaded.config, Path(loaded.source).name
 
 
+def _run_settings(model, random_shape, dev, dtype, settings, configs, tests, repetitions,
+                  seed, limits, progress) -> list[dict]:
+    """One row per (weights, KV, test); each weight setting's model is built once."""
+    import torch
+
+    from lowbit.engine.bench import run_test
+    from lowbit.engine.generate import model_weight_bytes
+    rows = []
+    for weight in dict.fromkeys(w for w, _ in settings):
+        quant = configs[weight]
+        net, cfg, label = _build(model, random_shape, dev, dtype, quant, seed)
+        weights_name = quant.name if quant is not None else "16"
+        for kv_bits in (k for w, k in settings if w == weight):
+            for kind, n in tests:
+                result = run_test(net, kind, n, repetitions, kv_bits, seed, limits, weights_name)
+                rows.append({
+                    "bench": "llama-bench", "model": label, "random_weights": random_shape is not None,
+                    "size_bytes": model_weight_bytes(net), "params": cfg.num_parameters(),
+                    "weights": weights_name, "kv": kv_bits, "device": dev.type,
+                    "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
+                    "test": result.test, "tokens": n, "repetitions": repetitions,
+                    "tok_s": result.mean, "tok_s_std": result.std,
+                    "samples_s": result.seconds, "phase": result.phase})
+                if progress is not None:
+                    progress(f"{label} · {weights_name} · KV {kv_bits} · {result.test}: "
+                             f"{result.mean:.2f} ± {result.std:.2f} t/s")
+        del net
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()  # the next setting's model needs the room
+    return rows
+
+
 @click.command()
 @click.argument("model", required=False, metavar="[MODEL]")
 @click.option("--random", "random_shape", default=None, metavar="CONFIG",
-              help="benchmark a model shape with random weights: a named shape (llama-3-8b, "
-                   "llama-3.1-8b, llama-2-7b, qwen2.5-7b, smollm2-135m) or an HF config.json")
+              help=f"benchmark a model shape with random weights: a named shape "
+                   f"({', '.join(NAMED_CONFIGS)}) or an HF config.json")
 @device_options
 @click.option("--weights", default="16,int8,int4", show_default=True,
               help="comma-separated weight settings: 16, int8, int4, bnb-nf4, bnb-fp4, "
@@ -92,13 +125,10 @@ def bench(model, random_shape, device, dtype, weights, group_size, kv, pp, tg, r
 
     MODEL is an HF directory, GGUF file or lowbit checkpoint (default: the embedded model);
     --random CONFIG instead builds the shape with random weights on the device (labelled so)."""
-    import torch
-
     from lowbit.engine import device_limits
-    from lowbit.engine.bench import run_test
-    from lowbit.engine.generate import model_weight_bytes
     from lowbit.engine.kernels import registry
     from lowbit.engine.load import resolve_device
+    from lowbit.quant.bnb import BnbUnavailable
 
     if model is not None and random_shape is not None:
         raise click.UsageError("give MODEL or --random CONFIG, not both")
@@ -111,31 +141,15 @@ def bench(model, random_shape, device, dtype, weights, group_size, kv, pp, tg, r
     tests = [(kind, n) for kind, n in (("pp", pp), ("tg", tg)) if n > 0]
     if not tests:
         raise click.UsageError("--pp and --tg are both 0: nothing to run")
-    registry.force_backend(backend)
     dev = resolve_device(device)
-    limits = device_limits.get_limits(dev, announce=lambda m: click.echo(m, err=True))
-    rows = []
-    for weight in dict.fromkeys(w for w, _ in settings):
-        quant = configs[weight]
-        net, cfg, label = _build(model, random_shape, dev, dtype, quant, seed)
-        weights_name = quant.name if quant is not None else "16"
-        for kv_bits in (k for w, k in settings if w == weight):
-            for kind, n in tests:
-                result = run_test(net, kind, n, repetitions, kv_bits, seed, limits, weights_name)
-                rows.append({
-                    "bench": "llama-bench", "model": label, "random_weights": random_shape is not None,
-                    "size_bytes": model_weight_bytes(net), "params": cfg.num_parameters(),
-                    "weights": weights_name, "kv": kv_bits, "device": dev.type,
-                    "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
-                    "test": result.test, "tokens": n, "repetitions": repetitions,
-                    "tok_s": result.mean, "tok_s_std": result.std,
-                    "samples_s": result.seconds, "phase": result.phase})
-                if not as_json:
-                    click.echo(f"{label} · {weights_name} · KV {kv_bits} · {result.test}: "
-                               f"{result.mean:.2f} ± {result.std:.2f} t/s", err=True)
-        del net
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()  # the next setting's model needs the room
+    progress = None if as_json else (lambda m: click.echo(m, err=True))
+    try:
+        with registry.use_backend(backend):
+            limits = device_limits.get_limits(dev, announce=lambda m: click.echo(m, err=True))
+            rows = _run_settings(model, random_shape, dev, dtype, settings, configs, tests,
+                                 repetitions, seed, limits, progress)
+    except (device_limits.DeviceLimitsError, BnbUnavailable) as e:
+        raise click.ClickException(str(e)) from None
     if as_json:
         click.echo(json.dumps({
             "card": limits.device, "commit": _commit(),

@@ -13,17 +13,18 @@ import click
 def calibrate_device(device, show, as_json):
     """Measure (and cache) the limits every roofline verdict is judged against: a large device
     copy (bytes read + written per second) and a large matmul (16-bit on CUDA, fp32 on CPU)."""
-    from lowbit.engine.device_limits import cache_path, cached_limits, calibrate
+    from lowbit.engine.device_limits import (DeviceLimitsError, cache_path, cached_limits,
+                                             calibrate)
     from lowbit.engine.load import resolve_device
 
     dev = resolve_device(device)
-    if show:
-        limits = cached_limits(dev)
-        if limits is None:
-            raise click.ClickException(f"{dev} has not been measured yet; run "
-                                       f"`lowbit calibrate-device --device {dev}`")
-    else:
-        limits = calibrate(dev)
+    try:
+        limits = cached_limits(dev) if show else calibrate(dev)
+    except DeviceLimitsError as e:
+        raise click.ClickException(str(e)) from None
+    if limits is None:
+        raise click.ClickException(f"{dev} has not been measured yet; run "
+                                   f"`lowbit calibrate-device --device {dev}`")
     if as_json:
         click.echo(json.dumps(limits.to_dict()))
     else:

@@ -92,17 +92,19 @@ class WeightLayout:
 def analytic_layout(cfg: ModelConfig, weights: str, dtype_bytes: int,
                     group_size: int | None = None, symmetric: bool = False,
                     keep_16bit: tuple[str, ...] = DEFAULT_KEEP_16BIT,
-                    double_quant: bool = True) -> WeightLayout:
+                    double_quant: bool = True,
+                    quantize_tied_lm_head: bool = False) -> WeightLayout:
     """The layout `weights` gives `cfg`, counted from the format rules of linear_format_bytes.
-    A tied lm_head is quantized from the embedding like any linear (as the module swap and the
-    checkpoint do) unless a keep_16bit pattern names it; then it reads the embedding table."""
-    keep = QuantConfig(weight_bits=16, keep_16bit=keep_16bit).keeps_16bit
+    Which layers stay 16-bit follows QuantConfig.stays_16bit: a tied lm_head reads the 16-bit
+    embedding table unless quantize_tied_lm_head (then it is a quantized copy, like any linear)."""
+    rules = QuantConfig(weight_bits=16, keep_16bit=keep_16bit,
+                        quantize_tied_lm_head=quantize_tied_lm_head)
     shapes = dict(cfg.linear_shapes())
     if cfg.tie_word_embeddings:
         shapes["lm_head"] = (cfg.vocab_size, cfg.hidden_size)
     per_linear = {}
     for name, (out_f, in_f) in shapes.items():
-        fmt = "16" if keep(name) else weights
+        fmt = "16" if rules.stays_16bit(name, cfg.tie_word_embeddings) else weights
         per_linear[name] = linear_format_bytes(fmt, out_f, in_f, dtype_bytes, group_size,
                                                symmetric, double_quant)
         if cfg.has_bias(name):
@@ -285,4 +287,32 @@ def format_phase_report(report: dict) -> str:
     lines = [f"roofline {limits.describe()}"]
     lines += _phase_lines("prefill", report["prefill"])
     lines += _phase_lines("decode", report["decode"])
+    return "\n".join(lines)
+
+
+def _bound_cell(p: dict) -> str:
+    """'memory-bound 2.45 GB/s = 13% of copy' (the rate against the ceiling that binds)."""
+    if p["verdict"] is None:
+        return "did not run"
+    if p["verdict"] == "compute-bound":
+        return f"compute-bound {_si(p['flops_per_s'], 'FLOP/s')} = {p['frac_matmul']:.0%} of matmul"
+    return f"memory-bound {_si(p['bytes_per_s'], 'B/s')} = {p['frac_copy']:.0%} of copy"
+
+
+def format_phase_table(rows: list[dict]) -> str:
+    """One line per variant (rows of `lowbit compare --json`, each with "name" and "phases"):
+    intensity, verdict and the binding rate of each phase, and decode's share of wall time."""
+    rows = [r for r in rows if r.get("phases")]
+    if not rows:
+        return ""
+    limits = DeviceLimits.from_dict(rows[0]["phases"]["device"])
+    heads = ["variant", "prefill FLOP/B", "prefill", "decode FLOP/B", "decode", "decode share"]
+    body = [[r["name"], f"{r['phases']['prefill']['intensity']:,.1f}",
+             _bound_cell(r["phases"]["prefill"]), f"{r['phases']['decode']['intensity']:,.1f}",
+             _bound_cell(r["phases"]["decode"]), f"{r['phases']['decode']['share']:.0%}"]
+            for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(heads)]
+    lines = [f"roofline {limits.describe()}"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+              for cells in [heads, *body]]
     return "\n".join(lines)

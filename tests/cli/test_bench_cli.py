@@ -83,3 +83,15 @@ def test_user_errors_are_one_line(cli, shape):
     assert nothing.exit_code == 2 and "nothing to run" in nothing.output
     bad_kv = invoke(cli, "--random", shape, "--kv", "3")
     assert bad_kv.exit_code == 2 and "KV bits" in bad_kv.output
+
+
+def test_corrupt_limits_cache_is_one_line_and_forced_backend_is_restored(cli, shape):
+    from lowbit.engine.kernels import registry
+    ok = invoke(cli, "--random", shape, "--device", "cpu", "--weights", "16", "-p", "4",
+                "-n", "0", "-r", "1", "--backend", "reference")
+    assert ok.exit_code == 0, ok.output
+    assert registry.forced_backend() is None
+    device_limits.cache_path().write_text("{not json")
+    broken = invoke(cli, "--random", shape, "--device", "cpu", "-p", "4", "-n", "0")
+    assert broken.exit_code == 1 and "cannot read the device limits cache" in broken.output
+    assert len(broken.output.strip().splitlines()) == 1

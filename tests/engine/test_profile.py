@@ -68,14 +68,13 @@ def test_quantized_formats_count_their_scales_and_zeros():
         linear_format_bytes("int3", 8, 32, 2)
 
 
-def test_tied_lm_head_is_quantized_from_the_embedding_unless_kept():
+def test_tied_lm_head_reads_the_embedding_unless_quantized_on_purpose():
     _, cfg = named_config("smollm2-135m")
     v, h = cfg.vocab_size, cfg.hidden_size
-    int4 = analytic_layout(cfg, "int4", dtype_bytes=2, group_size=64)
-    assert int4.linear_bytes["lm_head"] == linear_format_bytes("int4", v, h, 2, group_size=64)
-    kept = analytic_layout(cfg, "int4", dtype_bytes=2, group_size=64,
-                           keep_16bit=("model.embed_tokens", "lm_head"))
-    assert kept.linear_bytes["lm_head"] == v * h * 2
+    tied = analytic_layout(cfg, "int4", dtype_bytes=2, group_size=64)
+    assert tied.linear_bytes["lm_head"] == v * h * 2
+    copy = analytic_layout(cfg, "int4", dtype_bytes=2, group_size=64, quantize_tied_lm_head=True)
+    assert copy.linear_bytes["lm_head"] == linear_format_bytes("int4", v, h, 2, group_size=64)
 
 
 def test_model_layout_reads_the_stored_tensors():
@@ -132,8 +131,26 @@ def test_counted_layout_equals_the_bytes_a_quantized_model_stores(weights, group
         "model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "tie_word_embeddings": True})
-    quant = None if weights == "16" else QuantConfig(
-        weight_bits=int(weights[3:]), group_size=group, symmetric=symmetric)
-    model = random_model(cfg, torch.device("cpu"), torch.float16, quant)
-    counted = analytic_layout(cfg, weights, 2, group_size=group, symmetric=symmetric)
-    assert model_layout(model, weights).linear_bytes == counted.linear_bytes
+    for quantize_head in (False, True):
+        quant = None if weights == "16" else QuantConfig(
+            weight_bits=int(weights[3:]), group_size=group, symmetric=symmetric,
+            quantize_tied_lm_head=quantize_head)
+        model = random_model(cfg, torch.device("cpu"), torch.float16, quant)
+        counted = analytic_layout(cfg, weights, 2, group_size=group, symmetric=symmetric,
+                                  quantize_tied_lm_head=quantize_head)
+        assert model_layout(model, weights).linear_bytes == counted.linear_bytes
+
+
+def test_phase_table_has_one_line_per_variant():
+    from lowbit.engine.profile import format_phase_table
+    layout = analytic_layout(TINY, "16", dtype_bytes=2)
+    limits = fixed_device(ridge=10.0)
+    phases = phase_report(TINY, layout, prompt_tokens=4, new_tokens=3, prefill_s=1e-6,
+                          decode_s=3e-6, kv_bytes_per_token=KV_BYTES_PER_TOKEN, kv_bits=16,
+                          act_bytes=2, limits=limits)
+    text = format_phase_table([{"name": "16 kv16", "phases": phases},
+                               {"name": "no limits", "phases": None}])
+    lines = text.splitlines()
+    assert len(lines) == 3 and lines[1].startswith("variant") and lines[2].startswith("16 kv16")
+    assert "memory-bound" in lines[2] and lines[2].endswith("75%")
+    assert format_phase_table([{"name": "x", "phases": None}]) == ""
