@@ -11,7 +11,7 @@ WEIGHT_BITS = {"int8": 8, "int4": 4}
 
 
 def _quant_config(weights: str, group_size: int | None, symmetric: bool, keep_16bit: tuple,
-                  kv: int, method: str):
+                  kv: int, method: str, keep_8bit: tuple = ()):
     from lowbit.quant.config import BNB_METHODS, DEFAULT_KEEP_16BIT, QuantConfig
 
     keep = tuple(dict.fromkeys(DEFAULT_KEEP_16BIT + keep_16bit))
@@ -28,7 +28,7 @@ def _quant_config(weights: str, group_size: int | None, symmetric: bool, keep_16
     if group_size is None and bits == 4:
         group_size = 128
     return QuantConfig(weight_bits=bits, group_size=group_size, symmetric=symmetric,
-                       method=method, keep_16bit=keep, kv_bits=kv)
+                       method=method, keep_16bit=keep, kv_bits=kv, keep_8bit=keep_8bit)
 
 
 def format_summary(s) -> str:
@@ -57,25 +57,53 @@ def format_summary(s) -> str:
 @click.option("--kv", type=int, default=16, show_default=True,
               help="default KV-cache bits recorded in the checkpoint (16, 8 or 4)")
 @click.option("--method", default="rtn", show_default=True,
-              help="quantization method; rtn (round to nearest) is the one without calibration")
+              help="rtn (round to nearest, no calibration), search (scales and zero points "
+                   "searched against the calibration inputs' importance) or gptq (second-order "
+                   "error compensation); search and gptq calibrate on --calib text")
+@click.option("--calib", default=None, metavar="FILE",
+              help="calibration text, one document a line [default: the news corpus minus "
+                   "what `lowbit compare` evaluates on]")
+@click.option("--calib-tokens", type=click.IntRange(1), default=None,
+              help="calibration tokens [default: 32768]")
+@click.option("--keep-8bit", "keep_8bit", multiple=True, metavar="PATTERN",
+              help="store modules matching PATTERN as per-channel int8 in an int4 checkpoint "
+                   "(see `lowbit sensitivity`); repeatable")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="which calibration documents are drawn")
+@click.option("--device", default="auto", show_default=True,
+              help="where calibration runs: auto, cpu, cuda, cuda:N")
 @click.option("--force", is_flag=True, help="replace OUT if it is a lowbit checkpoint")
-def convert(paths, weights, group_size, symmetric, keep_16bit, kv, method, force):
+def convert(paths, weights, group_size, symmetric, keep_16bit, kv, method, calib, calib_tokens,
+            keep_8bit, seed, device, force):
     """Quantize SRC (an HF directory or GGUF file; default: the embedded SmolLM2-135M-Instruct)
     into a lowbit checkpoint directory OUT, streaming one tensor at a time."""
     from lowbit.quant.architecture import UnsupportedModelError
     from lowbit.quant.checkpoint import CheckpointError
     from lowbit.quant.config import QuantConfigError
     from lowbit.quant.convert import convert as run_convert
+    from lowbit.engine.load import LoadError
+    from lowbit.engine.tokenizer import TokenizerError
     from lowbit.quant.formats import FormatError
+    from lowbit.quant.primitives import QuantizationError
     from lowbit.quant.sources import ModelSourceError
+    from lowbit.quant.text import TextError
 
     if len(paths) not in (1, 2):
         raise click.ClickException(f"expected [SRC] OUT, got {len(paths)} paths")
     src, out = (None, paths[0]) if len(paths) == 1 else paths
+    calibrated = method in ("search", "gptq")
+    if not calibrated and (calib or calib_tokens):
+        raise click.ClickException("--calib and --calib-tokens need --method search or gptq")
     try:
-        cfg = _quant_config(weights, group_size, symmetric, keep_16bit, kv, method)
-        summary = run_convert(src, Path(out), cfg, force=force)
+        cfg = _quant_config(weights, group_size, symmetric, keep_16bit, kv, method, keep_8bit)
+        if calibrated:
+            from lowbit.engine.calibrate import CalibrationSettings, convert_calibrated
+            summary = convert_calibrated(src, Path(out), cfg, CalibrationSettings(method),
+                                         calib=calib, calib_tokens=calib_tokens, seed=seed,
+                                         device=device, force=force)
+        else:
+            summary = run_convert(src, Path(out), cfg, force=force)
     except (QuantConfigError, CheckpointError, ModelSourceError, UnsupportedModelError,
-            FormatError) as e:
+            FormatError, TextError, QuantizationError, LoadError, TokenizerError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(format_summary(summary))

@@ -50,13 +50,19 @@ def sensitivity(model, method, group_size, symmetric, calib, calib_tokens, n_win
     """Measure, for each linear of MODEL (an HF directory or GGUF; default: the embedded
     SmolLM2-135M-Instruct), the KL of the model's next-token distribution when only that linear
     is quantized to int4, and the bits/KL trade-off of keeping the worst at int8."""
+    from lowbit.cli.errors import USER_ERRORS
     from lowbit.engine.sensitivity import measure
     from lowbit.quant.config import QuantConfig
+    from lowbit.quant.primitives import QuantizationError
+    from lowbit.quant.text import TextError
 
-    quant = QuantConfig(weight_bits=4, group_size=group_size, symmetric=symmetric)
-    report = measure(model, quant, method, calib=calib, calib_tokens=calib_tokens,
-                     n_windows=n_windows, window_len=window_len, seed=seed, device=device,
-                     dtype=dtype)
+    try:
+        quant = QuantConfig(weight_bits=4, group_size=group_size, symmetric=symmetric)
+        report = measure(model, quant, method, calib=calib, calib_tokens=calib_tokens,
+                         n_windows=n_windows, window_len=window_len, seed=seed, device=device,
+                         dtype=dtype)
+    except (*USER_ERRORS, TextError, QuantizationError) as e:
+        raise click.ClickException(str(e)) from None
     click.echo(format_report(report, top))
     if json_path:
         with open(json_path, "w") as f:

@@ -21,6 +21,7 @@ statistics); formats come back on the CPU, ready for the checkpoint writer.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -296,23 +297,44 @@ def lazy_quantizer(formats: Iterator[tuple[str, WeightFormat]]):
     return quantize
 
 
+def unweighted_search_quantizer(quant: QuantConfig):
+    """The search without calibration: every input column equally important."""
+    def quantize(module: str, w: torch.Tensor) -> WeightFormat:
+        cfg = quant.for_module(module)
+        return search_quantize(w, None, cfg.weight_bits, cfg.group_size, cfg.symmetric, w.dtype)
+    return quantize
+
+
 def convert_calibrated(src, out, quant: QuantConfig, settings: CalibrationSettings, *,
                        calib=None, calib_tokens: int | None = None, seed: int = 0,
                        device: str = "cpu", dtype: str = "auto", force: bool = False,
                        progress: bool = True):
     """`lowbit convert --method search|gptq`: choose calibration text (calibration_text), record
     it in quant.calibration, and stream the calibrated formats into the checkpoint writer.
-    Returns quant.convert's ConvertSummary."""
+    Without a --calib file and without the default corpus installed, "search" falls back to the
+    unweighted search (and says so on stderr); "gptq" cannot. Returns quant.convert's
+    ConvertSummary."""
     from lowbit.engine.load import resolve_device, resolve_dtype
     from lowbit.engine.tokenizer import Tokenizer
     from lowbit.quant.calibration_text import DEFAULT_TOKENS, DEFAULT_WINDOW, calibration_text
     from lowbit.quant.convert import convert
     from lowbit.quant.sources import open_source
+    from lowbit.quant.text import TextError, default_text_path
 
     source = open_source(src)
     source.validate()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, source.dtype())
+    if calib is None and settings.method == "search":
+        try:
+            default_text_path()
+        except TextError as e:
+            print(f"lowbit: no calibration text ({e}); using the unweighted search",
+                  file=sys.stderr)
+            quant = dataclasses.replace(quant, method="search",
+                                        calibration={"method": "search", "text": None})
+            return convert(source, out, quant, force=force, progress=progress,
+                           quantizer=unweighted_search_quantizer(quant))
     tokenizer = Tokenizer.from_files(source.tokenizer_files())
     window = min(DEFAULT_WINDOW, source.model_config.max_position_embeddings)
     text = calibration_text(tokenizer, calib, n_tokens=calib_tokens or DEFAULT_TOKENS,
@@ -320,5 +342,5 @@ def convert_calibrated(src, out, quant: QuantConfig, settings: CalibrationSettin
     quant = dataclasses.replace(quant, method=settings.method,
                                 calibration=calibration_record(settings, text.record, dev))
     formats = calibrate(source, quant, settings, text.windows, dev, dt, progress)
-    return convert(src, out, quant, force=force, progress=False,
+    return convert(source, out, quant, force=force, progress=False,
                    quantizer=lazy_quantizer(formats))

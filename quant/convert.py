@@ -118,9 +118,10 @@ def calibration_free_quantizer(cfg: QuantConfig) -> Quantizer:
     """quant/quantize.py's method table, one weight (in row blocks) at a time."""
     if cfg.method not in METHODS:
         raise QuantConfigError(
-            f"method {cfg.method!r} needs calibration, which this build does not have "
-            f"(available without it: {', '.join(sorted(METHODS))})")
-    return lambda module, w: quantize_in_row_blocks(w, cfg)
+            f"method {cfg.method!r} needs calibration inputs: `lowbit convert --method "
+            f"{cfg.method}` calibrates first (available without it: "
+            f"{', '.join(sorted(METHODS))})")
+    return lambda module, w: quantize_in_row_blocks(w, cfg.for_module(module))
 
 
 def _write_metadata_files(tmp: Path, source: ModelSource) -> None:

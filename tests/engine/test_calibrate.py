@@ -67,9 +67,11 @@ def test_deterministic(source):
 
 
 def test_keep_8bit_layers_come_back_per_channel_int8(source):
-    quant = QuantConfig(weight_bits=4, group_size=32, keep_8bit=("*.down_proj", "lm_head"))
+    quant = QuantConfig(weight_bits=4, group_size=32, keep_8bit=("*.down_proj", "lm_head"),
+                        quantize_tied_lm_head=True)
     got = dict(calibrate(source, quant, CalibrationSettings("search"), windows(2),
                          progress=False))
+    assert "lm_head" in got
     for name, fmt in got.items():
         want_int8 = name.endswith("down_proj") or name == "lm_head"
         assert isinstance(fmt, Int8Weight) == want_int8, name
@@ -144,3 +146,134 @@ def test_too_little_text_is_refused(tmp_path, tokenizer):
     with pytest.raises(CalibrationTextError, match="fewer than"):
         calibration_text(tokenizer, None, n_tokens=4096, window_len=128, eval_windows=2,
                          eval_window_len=128, eval_path=path)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_calibrated_checkpoint_is_canonical_loads_and_runs_on_every_backend(tmp_path):
+    from lowbit.engine.calibrate import convert_calibrated
+    from lowbit.engine.kernels import registry
+    from lowbit.engine.kernels.registry import BackendUnavailable
+    from lowbit.engine.kv_cache import create_cache
+    from lowbit.engine.load import load_model
+    from lowbit.quant.checkpoint import read_checkpoint
+    from lowbit.quant.convert import convert
+
+    src = write_tiny_llama(tmp_path / "src", hidden=96, intermediate=200, tie=True,
+                           dtype=torch.bfloat16)
+    calib, _ = corpus(tmp_path, n_docs=30)
+    quant = QuantConfig(weight_bits=4, group_size=32)
+    convert_calibrated(str(src), tmp_path / "gptq", quant, CalibrationSettings("gptq"),
+                       calib=calib, calib_tokens=512, device="cpu", progress=False)
+    convert(str(src), tmp_path / "rtn", quant, progress=False)
+    ours, rtn = read_checkpoint(tmp_path / "gptq"), read_checkpoint(tmp_path / "rtn")
+    assert ours.specs == rtn.specs  # same tensor names, dtypes and shapes
+    record = ours.quant.calibration
+    assert record["method"] == "gptq" and record["text"]["sha256"] and record["seed"] == 0
+    assert record["text"]["tokens"] == 512
+    differs = [n for n in ours.specs if n.endswith("qweight")
+               and not torch.equal(ours.get_tensor(n), rtn.get_tensor(n))]
+    assert differs  # calibration chose other integers
+
+    # every backend that can run a calibrated linear agrees with the reference on it; the
+    # whole model runs with the automatic choice (cpu-packed for bf16 at 24 rows)
+    x = torch.randn(24, 96, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(3, 300, (1, 24), generator=torch.Generator().manual_seed(0))
+    ran = set()
+    for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = load_model(tmp_path / "gptq", device="cpu", dtype=dtype).model
+        linear = model.model.layers[0].self_attn.q_proj
+        with torch.inference_mode():
+            with registry.use_backend("reference"):
+                ref = linear(x.to(torch_dtype)).float()
+            for backend in registry.backends("dequant_matmul"):
+                if backend == "triton" and dtype == "bf16":
+                    continue  # Triton's CPU interpreter gets bf16 arithmetic wrong (DESIGN.md)
+                try:
+                    with registry.use_backend(backend):
+                        out = linear(x.to(torch_dtype)).float()
+                except BackendUnavailable:
+                    continue
+                ran.add(backend)
+                snr = ref.square().mean() / (out - ref).square().mean().clamp_min(1e-30)
+                assert snr > 1e3, (dtype, backend)
+            cache = create_cache(16, model.config, 1, 24, torch_dtype, "cpu")
+            logits = model(tokens, torch.arange(24), cache, kv_len=24)
+        assert torch.isfinite(logits).all()
+    assert {"reference", "cpu-packed"} <= ran  # and triton where the interpreter runs
+
+
+def test_keep_8bit_checkpoint_mixes_int4_and_int8(tmp_path):
+    from lowbit.engine.calibrate import convert_calibrated
+    from lowbit.engine.linear import QuantizedLinear
+    from lowbit.engine.load import load_model
+
+    src = write_tiny_llama(tmp_path / "src", hidden=64, intermediate=128, tie=True)
+    calib, _ = corpus(tmp_path, n_docs=20)
+    quant = QuantConfig(weight_bits=4, group_size=32, keep_8bit=("*.down_proj",))
+    convert_calibrated(str(src), tmp_path / "out", quant, CalibrationSettings("search"),
+                       calib=calib, calib_tokens=256, device="cpu", progress=False)
+    model = load_model(tmp_path / "out", device="cpu", dtype="fp32").model
+    bits = {n: m.bits for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert {b for n, b in bits.items() if n.endswith("down_proj")} == {8}
+    assert {b for n, b in bits.items() if not n.endswith("down_proj")} == {4}
+
+
+def test_cli_convert_gptq_records_calibration_and_refuses_overlap(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from lowbit.cli.main import cli
+    from lowbit.quant.text import default_text_path
+
+    src = write_tiny_llama(tmp_path / "src", hidden=64, intermediate=128, tie=True)
+    calib, _ = corpus(tmp_path, n_docs=20)
+    result = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "out"), "--method",
+                                      "gptq", "--calib", str(calib), "--calib-tokens", "256",
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "out" / "lowbit.json").read_text())
+    assert meta["quant"]["method"] == "gptq" and meta["quant"]["calibration"]["text"]["tokens"] == 256
+
+    news = default_text_path().read_text().split("\n")
+    leaked = tmp_path / "leaked.txt"
+    leaked.write_text("\n".join(news[:3]) + "\n")  # the start of what compare evaluates
+    result = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "bad"), "--method",
+                                      "search", "--calib", str(leaked), "--calib-tokens", "256",
+                                      "--device", "cpu"])
+    assert result.exit_code == 1
+    assert "evaluation windows" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_sensitivity_table(tmp_path):
+    from click.testing import CliRunner
+
+    from lowbit.cli.sensitivity import sensitivity
+
+    src = write_tiny_llama(tmp_path / "src", hidden=64, intermediate=128, tie=True)
+    calib, _ = corpus(tmp_path, n_docs=20)
+    result = CliRunner().invoke(sensitivity, [str(src), "--group-size", "32", "--calib",
+                                              str(calib), "--windows", "1", "--window-len", "64",
+                                              "--device", "cpu", "--json",
+                                              str(tmp_path / "s.json")])
+    assert result.exit_code == 0, result.output
+    assert "model.layers." in result.output and "keep int8" in result.output
+    assert (tmp_path / "s.json").is_file()
+
+
+def test_rtn_checkpoint_with_keep_8bit(tmp_path):
+    from lowbit.engine.load import load_model
+    from lowbit.quant.checkpoint import read_checkpoint
+    from lowbit.quant.convert import convert
+
+    src = write_tiny_llama(tmp_path / "src", hidden=64, intermediate=128, tie=True)
+    quant = QuantConfig(weight_bits=4, group_size=32, keep_8bit=("lm_head",),
+                        quantize_tied_lm_head=True)
+    convert(str(src), tmp_path / "out", quant, progress=False)
+    ckpt = read_checkpoint(tmp_path / "out")
+    assert isinstance(ckpt.linear_format("lm_head"), Int8Weight)
+    assert ckpt.linear_format("model.layers.0.mlp.up_proj").bits == 4
+    load_model(tmp_path / "out", device="cpu", dtype="fp32")
