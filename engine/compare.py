@@ -78,6 +78,7 @@ class Row:
     decode_tok_s: float = 0.0
     peak_mem_bytes: int | None = None  # None where the platform has no resettable peak
     phases: dict | None = None  # profile.phase_report of the speed run (None: no device limits)
+    speed_dtype: str = ""  # the dtype the speed run used (the device's fastest for these weights)
 
     def to_dict(self) -> dict:
         return {"name": self.variant.name, "weights": self.variant.weights,
@@ -86,7 +87,8 @@ class Row:
                 "bits_per_weight": self.bits_per_weight, "weight_bytes": self.weight_bytes,
                 "kv_bytes_per_token": self.kv_bytes_per_token,
                 "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
-                "peak_mem_bytes": self.peak_mem_bytes, "phases": self.phases}
+                "peak_mem_bytes": self.peak_mem_bytes, "phases": self.phases,
+                "speed_dtype": self.speed_dtype}
 
 
 @dataclass
@@ -178,6 +180,7 @@ def measure_speed(loaded: LoadedModel, variant: Variant, prompt: list[int], gen_
     row.bits_per_weight = bits_per_weight(loaded.model)
     row.weight_bytes, row.kv_bytes_per_token = st.weight_bytes, st.kv_bytes_per_token
     row.prefill_tok_s, row.decode_tok_s = st.prefill_tok_s, st.decode_tok_s
+    row.speed_dtype = DTYPE_NAMES[loaded.dtype]
     row.peak_mem_bytes = None if added is None else st.weight_bytes + max(added, 0)
     if limits is not None:
         row.phases = generation_phase_report(loaded.model, st, limits, variant.weights)
@@ -204,6 +207,22 @@ def measure_accuracy(models: dict[str, LoadedModel], variants: list[Variant], wi
         row = rows[v]
         row.ppl, row.kl_mean, row.top1_agreement = tally.perplexity, tally.kl_mean, tally.top1_agreement
         row.ppl_delta_pct = 100.0 * (tally.perplexity / ref_ppl - 1.0)
+
+
+def speed_model(path, accuracy_model: LoadedModel, variant: Variant, dtype: str,
+                log: Callable[[str], None]) -> LoadedModel:
+    """The model whose speed is reported: the accuracy model itself, unless the run's dtype was
+    left to "auto" and the device runs these weights faster in another dtype (CPU: quantized
+    weights run torch's packed kernels in bf16, where fp32 would dequantize every call), in
+    which case the variant is loaded once more in that dtype."""
+    if dtype != "auto" or variant.quant is None:
+        return accuracy_model
+    fast = load_model(path, device=str(accuracy_model.device), dtype="auto", quant=variant.quant)
+    if fast.dtype == accuracy_model.dtype:
+        return accuracy_model
+    log(f"speed of {variant.weights} measured in {DTYPE_NAMES[fast.dtype]} (its fastest dtype "
+        f"here); accuracy in {DTYPE_NAMES[accuracy_model.dtype]}")
+    return fast
 
 
 def compare(path, text: str, variants: list[Variant], *, text_label: str, device: str = "auto",
@@ -233,10 +252,14 @@ def compare(path, text: str, variants: list[Variant], *, text_label: str, device
             log(f"loading {v.weights}")
             models[v.weights] = load_model(path, device=dev, dtype=dt, quant=v.quant)
     rows = {v: Row(v) for v in [REFERENCE, *variants]}
+    speed_models: dict[str, LoadedModel] = {}
     for v in [REFERENCE, *variants]:
-        measure_speed(models[v.weights], v, prompt, gen_tokens, rows[v], limits)
+        if v.weights not in speed_models:
+            speed_models[v.weights] = speed_model(path, models[v.weights], v, dtype, log)
+        measure_speed(speed_models[v.weights], v, prompt, gen_tokens, rows[v], limits)
         r = rows[v]
-        log(f"speed {v.name}: prefill {r.prefill_tok_s:.1f} tok/s, decode {r.decode_tok_s:.1f} tok/s")
+        log(f"speed {v.name} ({r.speed_dtype}): prefill {r.prefill_tok_s:.1f} tok/s, decode "
+            f"{r.decode_tok_s:.1f} tok/s")
     measure_accuracy(models, variants, windows, rows, log)
     return Comparison(rows[REFERENCE], [rows[v] for v in variants], reference.source, dev, dt,
                       text_label, windows, len(prompt), gen_tokens)
