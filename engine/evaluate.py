@@ -129,11 +129,12 @@ class Tally:
 def bits_per_weight(model: torch.nn.Module) -> float:
     """Stored bits per weight over the quantized linears (scales and zero points included, biases
     not); 16 for a model with none: the reference is labelled by its stored 16-bit weights."""
+    from lowbit.engine.bnb_linear import BnbLinear
     from lowbit.engine.linear import QuantizedLinear
 
     bits = weights = 0
     for m in model.modules():
-        if isinstance(m, QuantizedLinear):
+        if isinstance(m, (QuantizedLinear, BnbLinear)):
             bits += 8 * m.weight_format.nbytes
             weights += m.in_features * m.out_features
     return bits / weights if weights else 16.0

@@ -80,9 +80,9 @@ def _roofline(ax, rows: list[dict], colors: list) -> None:
         ax.plot(grid, [min(sheet_peak, x * sheet_bw) for x in grid], color="grey", lw=1,
                 ls="--", label="datasheet ceilings")
     ax.axvline(ridge, color="grey", ls=":", lw=1)
-    label_x = max(lo * 1.5, ridge / 30)  # up the slope, clear of the decode points near 1
+    label_x = math.sqrt(lo * ridge)  # halfway up the slope (log scale), above the line
     ax.text(label_x, label_x * bandwidth * 2.5, f"copy {limits['copy_GBps']:,.0f} GB/s",
-            fontsize=8, ha="right", va="bottom")
+            fontsize=8, ha="center", va="bottom")
     ax.text(hi / 1.3, peak * 1.3, f"{limits['matmul_dtype']} matmul "
             f"{limits['matmul_TFLOPs']:,.2f} TFLOP/s", fontsize=8, ha="right", va="bottom")
     ax.text(ridge * 1.1, peak / 40, f"ridge {ridge:,.1f} FLOP/B", fontsize=8, color="grey")
@@ -154,6 +154,7 @@ def plot_comparison(comparison: dict, path: str | Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; an image is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
