@@ -56,6 +56,10 @@ class BnbLinear(nn.Module):
 
     def __init__(self, fmt: BnbWeight, bias: Tensor | None = None):
         super().__init__()
+        # Generation reads this before capturing a decode step in a CUDA graph
+        self.cuda_graph_unsafe = (
+            "LLM.int8 finds its outlier columns with a host sync (torch.argwhere)"
+            if isinstance(fmt, BnbInt8Weight) else None)
         self.in_features, self.out_features = fmt.in_features, fmt.out_features
         self._fmt_type = type(fmt)
         self._fmt_args = ((fmt.quant_type, fmt.out_features, fmt.in_features, fmt.dtype,

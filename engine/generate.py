@@ -120,7 +120,13 @@ class Generation:
         on_cuda = self.device.type == "cuda"
         self.static_decode = on_cuda
         self.graphed = None
-        if on_cuda and cuda_graph is not False:
+        # a module whose forward syncs with the host (LLM.int8's outlier search) cannot be
+        # captured; it says why in `cuda_graph_unsafe`, and the stats carry the reason
+        unsafe = sorted({m.cuda_graph_unsafe for m in model.modules()
+                         if getattr(m, "cuda_graph_unsafe", None)})
+        if on_cuda and cuda_graph is not False and unsafe:
+            self.stats.extra["cuda_graph"] = "off: " + "; ".join(unsafe)
+        elif on_cuda and cuda_graph is not False:
             with torch.inference_mode():
                 self.graphed = GraphedDecodeStep(model, self.cache, self.device)
 

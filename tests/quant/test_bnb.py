@@ -196,3 +196,9 @@ def test_checkpoint_round_trip_runs_like_quantizing_on_the_fly(tmp_path, method)
         with torch.inference_mode():
             logits.append(loaded.model(tokens, torch.arange(5), cache, kv_len=5))
     assert torch.equal(logits[0], logits[1])
+
+
+def test_llm_int8_declares_it_cannot_be_graph_captured():
+    int8 = BnbLinear(quantize_bnb(weight(32, 64), "bnb-int8"))
+    nf4 = BnbLinear(quantize_bnb(weight(32, 64), "bnb-nf4"))
+    assert "host sync" in int8.cuda_graph_unsafe and nf4.cuda_graph_unsafe is None
