@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from lowbit.engine.fuse import fuse_projections
 from lowbit.engine.linear import swap_linears
 from lowbit.engine.model import Transformer
 from lowbit.engine.rope import inverse_frequencies
@@ -83,18 +84,22 @@ def fill_from_source(model: Transformer, source: ModelSource, dtype: torch.dtype
 
 
 def load_model(path: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
-               quant: QuantConfig | None = None) -> LoadedModel:
+               quant: QuantConfig | None = None, fuse: bool = True) -> LoadedModel:
     """Load an HF directory, a GGUF file, a lowbit checkpoint, or (None) the default model.
 
     `quant` quantizes a 16-bit source on the fly (a module swap after loading); a lowbit
-    checkpoint is already quantized and refuses it.
+    checkpoint is already quantized and refuses it. `fuse` stacks q/k/v and gate/up into one
+    linear each (engine/fuse.py); code that hooks individual projections passes False.
     """
     dev = resolve_device(device)
     if path is not None and is_lowbit_checkpoint(Path(path)):
         from lowbit.engine.load_checkpoint import load_lowbit_checkpoint
         if quant is not None and quant.weight_bits != 16:
             raise LoadError(f"{path} is already quantized ({quant.name} was asked for on top)")
-        return load_lowbit_checkpoint(Path(path), dev, dtype)
+        loaded = load_lowbit_checkpoint(Path(path), dev, dtype)
+        if fuse:
+            fuse_projections(loaded.model)
+        return loaded
     source = open_source(path)
     source.validate()
     cfg = source.model_config
@@ -106,6 +111,8 @@ def load_model(path: str | Path | None = None, *, device: str = "auto", dtype: s
         swap_linears(model, quant)
     else:
         quant = None
+    if fuse:
+        fuse_projections(model)
     model.eval()
     tokenizer = Tokenizer.from_files(source.tokenizer_files())
     return LoadedModel(model, tokenizer, cfg, str(source.path), quant, dev, dt)

@@ -130,11 +130,31 @@ def _unique_nbytes(tensors) -> int:
     return total
 
 
+FUSED = {"q_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+         "k_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+         "v_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+         "gate_proj": ("gate_up_proj", ("gate_proj", "up_proj")),
+         "up_proj": ("gate_up_proj", ("gate_proj", "up_proj"))}
+
+
+def _linear_nbytes(modules: dict, name: str, cfg: ModelConfig) -> int:
+    """Bytes of linear `name`; for one fused into qkv_proj / gate_up_proj (engine/fuse.py), its
+    rows' share of the fused module: every output row stores the same bytes (same K, groups)."""
+    if name in modules:
+        return _unique_nbytes(_stored_tensors(modules[name]))
+    parent, _, leaf = name.rpartition(".")
+    fused, members = FUSED[leaf]
+    shapes = cfg.linear_shapes()
+    rows = {m: shapes[f"{parent}.{m}"][0] for m in members}
+    total = _unique_nbytes(_stored_tensors(modules[f"{parent}.{fused}"]))
+    return total * rows[leaf] // sum(rows.values())
+
+
 def model_layout(model: torch.nn.Module, name: str) -> WeightLayout:
     """The layout a loaded Transformer really has, read from its modules' stored tensors."""
     cfg = model.config
     modules = dict(model.named_modules())
-    per_linear = {n: _unique_nbytes(_stored_tensors(modules[n])) for n in cfg.linear_shapes()}
+    per_linear = {n: _linear_nbytes(modules, n, cfg) for n in cfg.linear_shapes()}
     per_linear["lm_head"] = _unique_nbytes(_stored_tensors(modules["lm_head"]))
     embed = model.model.embed_tokens.weight
     norms = [m.weight for n, m in modules.items() if n.endswith("norm")]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lowbit.engine.bnb_linear import BnbLinear
+from lowbit.engine.fuse import fuse_projections
 from lowbit.engine.linear import QuantizedLinear
 from lowbit.engine.model import Transformer
 from lowbit.engine.rope import inverse_frequencies
@@ -71,4 +72,5 @@ def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
             model.lm_head = quantized_linear(model.model.embed_tokens.weight, None, quant)
         else:
             model.tie_weights()
+    fuse_projections(model)
     return model.eval()

@@ -189,25 +189,32 @@ def sensitivity(model: Transformer, formats: dict[str, WeightFormat], windows: t
 
 def measure(model_path, quant: QuantConfig, method: str = "rtn", *, calib=None,
             calib_tokens: int | None = None, n_windows: int = 2, window_len: int = 512,
-            seed: int = 0, device: str = "auto", dtype: str = "auto",
+            seed: int = 0, device: str = "auto", dtype: str = "auto", checkpoint=None,
             progress: bool = True) -> SensitivityReport:
     """`lowbit sensitivity`: quantize every linear of `model_path` as `quant` and `method` say
-    (rtn, or search/gptq calibrated layer by layer), then measure each one's KL alone on
+    (rtn, or search/gptq calibrated layer by layer) or take them from a lowbit `checkpoint`
+    (then the model is its recorded source), and measure each one's KL alone on
     n_windows × window_len tokens of calibration text (never compare's evaluation windows)."""
     from lowbit.engine.calibrate import CalibrationSettings, calibrate
     from lowbit.engine.load import load_model
     from lowbit.quant.calibration_text import DEFAULT_TOKENS, DEFAULT_WINDOW, calibration_text
-    from lowbit.quant.checkpoint import quantized_linears
+    from lowbit.quant.checkpoint import quantized_linears, read_checkpoint
     from lowbit.quant.quantize import quantize_weight
 
-    loaded = load_model(model_path, device=device, dtype=dtype)
+    ckpt = None
+    if checkpoint is not None:
+        ckpt = read_checkpoint(checkpoint)
+        model_path = ckpt.source["path"]
+    loaded = load_model(model_path, device=device, dtype=dtype, fuse=False)  # hooks per linear
     source = open_source(model_path)
     mc = source.model_config
     window_len = min(window_len, mc.max_position_embeddings)
     # a different seed from calibration's, so the measurement is not the calibration text
     sample = calibration_text(loaded.tokenizer, calib, n_tokens=n_windows * window_len,
                               window_len=window_len, seed=seed + 1).windows
-    if method == "rtn":
+    if ckpt is not None:
+        formats = {m: ckpt.linear_format(m) for m in ckpt.quantized_linears()}
+    elif method == "rtn":
         formats = {}
         for name in quantized_linears(mc, quant):
             tensor = "model.embed_tokens.weight" if name == "lm_head" else f"{name}.weight"
