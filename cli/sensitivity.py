@@ -28,6 +28,9 @@ def format_report(report, top: int) -> str:
 
 @click.command()
 @click.argument("model", required=False, metavar="[MODEL]")
+@click.option("--checkpoint", default=None, metavar="CKPT",
+              help="take each linear's quantized weight from this lowbit checkpoint (and the "
+                   "model from its recorded source) instead of quantizing here")
 @click.option("--method", type=click.Choice(["rtn", "search", "gptq"]), default="rtn",
               show_default=True, help="how each linear is quantized for the measurement")
 @click.option("--group-size", type=int, default=128, show_default=True)
@@ -45,8 +48,8 @@ def format_report(report, top: int) -> str:
               help="rows of the table")
 @click.option("--json", "json_path", default=None, metavar="PATH", help="also write all rows")
 @device_options
-def sensitivity(model, method, group_size, symmetric, calib, calib_tokens, n_windows,
-                window_len, seed, top, json_path, device, dtype):
+def sensitivity(model, checkpoint, method, group_size, symmetric, calib, calib_tokens,
+                n_windows, window_len, seed, top, json_path, device, dtype):
     """Measure, for each linear of MODEL (an HF directory or GGUF; default: the embedded
     SmolLM2-135M-Instruct), the KL of the model's next-token distribution when only that linear
     is quantized to int4, and the bits/KL trade-off of keeping the worst at int8."""
@@ -60,7 +63,7 @@ def sensitivity(model, method, group_size, symmetric, calib, calib_tokens, n_win
         quant = QuantConfig(weight_bits=4, group_size=group_size, symmetric=symmetric)
         report = measure(model, quant, method, calib=calib, calib_tokens=calib_tokens,
                          n_windows=n_windows, window_len=window_len, seed=seed, device=device,
-                         dtype=dtype)
+                         dtype=dtype, checkpoint=checkpoint)
     except (*USER_ERRORS, TextError, QuantizationError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(format_report(report, top))

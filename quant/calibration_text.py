@@ -175,12 +175,13 @@ def calibration_text(tokenizer: TextTokenizer, path: str | Path | None = None, *
 def overlapping_evaluation(record: dict, eval_text_sha256: str, eval_tokens: int) -> str | None:
     """For compare: None when a checkpoint's calibration record shows it was kept off the first
     `eval_tokens` tokens of the text with this sha256; else a one-line warning."""
-    if not record:
-        return None
-    disjoint = record.get("text", {}).get("disjoint_from", {})
+    text = (record or {}).get("text")
+    if not text:
+        return None  # no calibration text: nothing could overlap
+    disjoint = text.get("disjoint_from", {})
     if disjoint.get("sha256") == eval_text_sha256 and disjoint.get("tokens", 0) >= eval_tokens:
         return None
-    if record.get("text", {}).get("sha256") != eval_text_sha256 and disjoint.get("sha256") != eval_text_sha256:
+    if eval_text_sha256 not in (text.get("sha256"), disjoint.get("sha256")):
         return ("calibrated on another text than this evaluation; lowbit cannot tell whether "
                 "they overlap")
     return (f"calibration was kept off only the first {disjoint.get('tokens', 0)} tokens of this "

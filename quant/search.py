@@ -87,7 +87,8 @@ class _GroupSearch:
         return torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
 
     def codes(self, s: Tensor, z: Tensor) -> Tensor:
-        return (torch.round(self.wg / s.unsqueeze(-1)) + z.unsqueeze(-1)).clamp(self.cmin, self.cmax)
+        codes = torch.round(self.wg / s.unsqueeze(-1)) + z.unsqueeze(-1)
+        return codes.clamp(self.cmin, self.cmax)
 
     def consider(self, s: Tensor, zs: list[Tensor]) -> None:
         """Evaluate candidates (s, z) for each z in `zs` (s already stored-rounded) and keep each

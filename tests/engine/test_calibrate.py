@@ -183,7 +183,7 @@ def test_calibrated_checkpoint_is_canonical_loads_and_runs_on_every_backend(tmp_
     ran = set()
     for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         model = load_model(tmp_path / "gptq", device="cpu", dtype=dtype).model
-        linear = model.model.layers[0].self_attn.q_proj
+        linear = model.model.layers[0].self_attn.o_proj
         with torch.inference_mode():
             with registry.use_backend("reference"):
                 ref = linear(x.to(torch_dtype)).float()
@@ -235,7 +235,8 @@ def test_cli_convert_gptq_records_calibration_and_refuses_overlap(tmp_path):
                                       "--device", "cpu"])
     assert result.exit_code == 0, result.output
     meta = json.loads((tmp_path / "out" / "lowbit.json").read_text())
-    assert meta["quant"]["method"] == "gptq" and meta["quant"]["calibration"]["text"]["tokens"] == 256
+    assert meta["quant"]["method"] == "gptq"
+    assert meta["quant"]["calibration"]["text"]["tokens"] == 256
 
     news = default_text_path().read_text().split("\n")
     leaked = tmp_path / "leaked.txt"
@@ -263,6 +264,15 @@ def test_cli_sensitivity_table(tmp_path):
     assert "model.layers." in result.output and "keep int8" in result.output
     assert (tmp_path / "s.json").is_file()
 
+    from lowbit.quant.convert import convert
+    convert(str(src), tmp_path / "ckpt", QuantConfig(weight_bits=4, group_size=32),
+            progress=False)
+    result = CliRunner().invoke(sensitivity, ["--checkpoint", str(tmp_path / "ckpt"), "--calib",
+                                              str(calib), "--windows", "1", "--window-len", "64",
+                                              "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "mlp.down_proj" in result.output
+
 
 def test_rtn_checkpoint_with_keep_8bit(tmp_path):
     from lowbit.engine.load import load_model
@@ -277,3 +287,13 @@ def test_rtn_checkpoint_with_keep_8bit(tmp_path):
     assert isinstance(ckpt.linear_format("lm_head"), Int8Weight)
     assert ckpt.linear_format("model.layers.0.mlp.up_proj").bits == 4
     load_model(tmp_path / "out", device="cpu", dtype="fp32")
+
+
+def test_overlap_flag_for_compare():
+    from lowbit.quant.calibration_text import overlapping_evaluation
+
+    record = {"text": {"sha256": "aaa", "disjoint_from": {"sha256": "bbb", "tokens": 8192}}}
+    assert overlapping_evaluation({}, "bbb", 8192) is None
+    assert overlapping_evaluation(record, "bbb", 8192) is None
+    assert "may overlap" in overlapping_evaluation(record, "bbb", 16384)
+    assert "another text" in overlapping_evaluation(record, "ccc", 8192)

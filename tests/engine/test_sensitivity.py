@@ -17,7 +17,7 @@ QUANT = QuantConfig(weight_bits=4, group_size=32)
 def loaded(tmp_path_factory):
     path = write_tiny_llama(tmp_path_factory.mktemp("tiny"), hidden=64, intermediate=96,
                             layers=2, tie=True)
-    return load_model(path, device="cpu", dtype="fp32")
+    return load_model(path, device="cpu", dtype="fp32", fuse=False)
 
 
 def formats_for(model):
