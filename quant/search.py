@@ -33,9 +33,10 @@ from .primitives import QuantizationError, _check, num_groups, pack_int4, symmet
 DEFAULT_RATIOS = tuple(torch.linspace(0.5, 1.05, 17).tolist())
 # Closed-form refits of s after the grid: 0 refits 0.626, 1 0.618, 2 0.617, 3 0.617 (as above).
 REFIT_ROUNDS = 2
-# Elements per chunk of rows: bounds the search's temporaries (~10 fp32 tensors of this size);
-# a 1536x576 search took 0.24 s in chunks of 2^18, 0.77 s in one of 2^21 (cache-resident or not).
-CHUNK_ELEMENTS = 1 << 18
+# Elements per chunk of rows: bounds the search's temporaries (~10 fp32 tensors of this size).
+# CPU: a 1536x576 search took 0.24 s in chunks of 2^18, 0.77 s in one of 2^21 (cache-resident or
+# not). GPU: large chunks keep kernel launches few (~400 a chunk); 2^24 is ~640 MB of temporaries.
+CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
 
 
 def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -158,7 +159,7 @@ def search_params(w: Tensor, importance: Tensor | None, bits: int, group_size: i
     n, k = w.shape
     cmin, cmax = code_range(bits, symmetric)
     a = _grouped(_check_importance(importance, k, w.device), group_size)  # (G, gs)
-    rows = max(1, CHUNK_ELEMENTS // a.numel())
+    rows = max(1, CHUNK_ELEMENTS.get(w.device.type, 1 << 18) // a.numel())
     scales, zeros = [], []
     for r0 in range(0, n, rows):
         wg = _grouped(w[r0:r0 + rows], group_size)  # (R, G, gs)
