@@ -165,6 +165,7 @@ def compare(model, weights, kv, group_size, keep_16bit, text_path, n_windows, wi
     from lowbit.engine.device_limits import get_limits
     from lowbit.engine.load import resolve_device
     from lowbit.engine.plot import check_plot_path, plot_comparison, require_matplotlib
+    from lowbit.engine.profile import format_phase_table
     from lowbit.quant.text import default_text_path, read_text
 
     variants = parse_variants(weights, kv, group_size, keep_16bit)
@@ -191,6 +192,7 @@ def compare(model, weights, kv, group_size, keep_16bit, text_path, n_windows, wi
         f"{w.tokens.shape[1]} tokens · speed: {result.prompt_tokens}-token prompt + "
         f"{gen_tokens} new tokens")
     click.echo(format_table(result))
+    click.echo(format_phase_table([r.to_dict() for r in [result.reference, *result.variants]]))
     if json_path:
         write_json_atomic(Path(json_path), result.to_dict())
     if plot_path:

@@ -4,14 +4,18 @@ from __future__ import annotations
 import click
 import torch
 
+from lowbit.engine.device_limits import DeviceLimitsError
 from lowbit.engine.evaluate import EvaluationError
 from lowbit.engine.generate import ContextTooLongError, EmptyPromptError
 from lowbit.engine.kernels.registry import BackendUnavailable
 from lowbit.engine.kv_cache import KVCacheError
 from lowbit.engine.load import LoadError
+from lowbit.engine.plot import PlotError, PlotUnavailable
+from lowbit.engine.profile import ProfileError
 from lowbit.engine.sampling import SamplingError
 from lowbit.engine.tokenizer import TokenizerError
 from lowbit.quant.architecture import UnsupportedModelError
+from lowbit.quant.bnb import BnbUnavailable
 from lowbit.quant.checkpoint import CheckpointError
 from lowbit.quant.config import QuantConfigError
 from lowbit.quant.formats import FormatError
@@ -22,7 +26,8 @@ from lowbit.quant.text import TextError
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ContextTooLongError, EmptyPromptError, BackendUnavailable, KVCacheError, LoadError,
     SamplingError, TokenizerError, UnsupportedModelError, CheckpointError, QuantConfigError,
-    FormatError, ModelSourceError, TextError, EvaluationError)
+    FormatError, ModelSourceError, TextError, EvaluationError, DeviceLimitsError, PlotError,
+    PlotUnavailable, ProfileError, BnbUnavailable)
 
 
 class LowbitGroup(click.Group):

@@ -78,9 +78,11 @@ def test_compare_prints_a_table_and_writes_every_json_key(tiny, text_file, tmp_p
                  "--windows", "3", "--window-len", "64", "--gen-tokens", "4", "--device", "cpu",
                  "--json", out)
     assert result.exit_code == 0, result.output
-    table = result.stdout.strip().splitlines()
-    assert len(table) == 4 and table[0].startswith("variant")
+    lines = result.stdout.strip().splitlines()
+    table, phases = lines[:4], lines[4:]
+    assert table[0].startswith("variant")
     assert table[1].startswith("16 kv16 (reference)") and table[3].startswith("int4-g32-asym kv16")
+    assert len(phases) == 5 and "prefill" in phases[0] and "decode" in phases[0]  # the roofline table
     assert "window 3/3" in result.stderr
     data = json.loads(out.read_text())
     assert JSON_KEYS <= set(data)
