@@ -82,7 +82,8 @@ def test_compare_prints_a_table_and_writes_every_json_key(tiny, text_file, tmp_p
     table, phases = lines[:4], lines[4:]
     assert table[0].startswith("variant")
     assert table[1].startswith("16 kv16 (reference)") and table[3].startswith("int4-g32-asym kv16")
-    assert len(phases) == 5 and "prefill" in phases[0] and "decode" in phases[0]  # the roofline table
+    assert phases[0].startswith("roofline") and "prefill" in phases[1] and "decode" in phases[1]
+    assert len(phases) == 5  # limits, header, one line per variant
     assert "window 3/3" in result.stderr
     data = json.loads(out.read_text())
     assert JSON_KEYS <= set(data)
