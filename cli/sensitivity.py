@@ -10,7 +10,8 @@ from lowbit.cli.options import device_options
 
 
 def format_report(report, top: int) -> str:
-    lines = [f"{'rank':>4}  {'linear':<34} {'KL alone':>9} {'rel. out err':>12} {'bits':>5}"]
+    lines = [f"{'rank':>4}  {'unit (--keep-8bit pattern)':<34} {'KL alone':>9} "
+             f"{'rel. out err':>12} {'bits':>5}"]
     for i, s in enumerate(report.layers[:top], start=1):
         lines.append(f"{i:>4}  {s.name:<34} {s.kl:9.5f} {s.rel_error:12.5f} {s.bits:5.2f}")
     lines.append("")
@@ -43,13 +44,16 @@ def format_report(report, top: int) -> str:
 @click.option("--windows", "n_windows", type=click.IntRange(1), default=2, show_default=True,
               help="measurement windows (drawn from the calibration text, never evaluation's)")
 @click.option("--window-len", type=click.IntRange(2), default=512, show_default=True)
+@click.option("--granularity", type=click.Choice(["linear", "layer", "type"]), default="linear",
+              show_default=True, help="measure each linear, each decoder layer (model.layers.N.*) "
+                                      "or each projection across layers (*.mlp.down_proj)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--top", type=click.IntRange(1), default=20, show_default=True,
               help="rows of the table")
 @click.option("--json", "json_path", default=None, metavar="PATH", help="also write all rows")
 @device_options
 def sensitivity(model, checkpoint, method, group_size, symmetric, calib, calib_tokens,
-                n_windows, window_len, seed, top, json_path, device, dtype):
+                n_windows, window_len, granularity, seed, top, json_path, device, dtype):
     """Measure, for each linear of MODEL (an HF directory or GGUF; default: the embedded
     SmolLM2-135M-Instruct), the KL of the model's next-token distribution when only that linear
     is quantized to int4, and the bits/KL trade-off of keeping the worst at int8."""
@@ -63,7 +67,7 @@ def sensitivity(model, checkpoint, method, group_size, symmetric, calib, calib_t
         quant = QuantConfig(weight_bits=4, group_size=group_size, symmetric=symmetric)
         report = measure(model, quant, method, calib=calib, calib_tokens=calib_tokens,
                          n_windows=n_windows, window_len=window_len, seed=seed, device=device,
-                         dtype=dtype, checkpoint=checkpoint)
+                         dtype=dtype, checkpoint=checkpoint, granularity=granularity)
     except (*USER_ERRORS, TextError, QuantizationError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(format_report(report, top))

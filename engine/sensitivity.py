@@ -1,17 +1,19 @@
-"""Per-linear sensitivity: how much each quantized linear alone costs the model's output, so the
-worst can be kept at 8 bits (`--keep-8bit PATTERN`), and what that buys in KL per bit.
+"""Sensitivity: how much each quantized linear (or each decoder layer, or each kind of projection
+across layers) alone costs the model's output, so the worst can be kept at 8 bits
+(`--keep-8bit PATTERN`), and what that buys in KL per bit.
 
-For every linear the model is run with ONLY that linear's weight replaced by its quantized
-version, and the mean per-token KL(P_16bit || P) of the next-token distributions is measured on a
-sample of windows. The reference pass stores each decoder layer's input, so the run for a linear
-in layer i starts at layer i (on average half a forward per linear). Beside it, the layer-local
-relative output error ‖ΔW x‖² / ‖W x‖² over the same sample is reported (free: one matmul a
-linear during the reference pass); it ranks layers without the model but ignores how an error
-propagates to the logits, which is why the KL is the column to decide on.
+For every unit the model is run with ONLY that unit's weights replaced by their quantized
+versions, and the mean per-token KL(P_16bit || P) of the next-token distributions is measured on a
+sample of windows. The reference pass stores each decoder layer's input, so a run for a unit
+starting in layer i starts at layer i (on average half a forward per linear). Beside it, the
+layer-local relative output error ‖ΔW x‖² / ‖W x‖² over the same sample is reported (free: one
+matmul a linear during the reference pass); it ranks layers without the model but ignores how an
+error propagates to the logits, which is why the KL is the column to decide on.
 
-The bits/KL trade-off: keeping the k most sensitive linears at per-channel int8 costs their extra
-bits (measured exactly from the formats) and removes, to first order, their KL (estimated as the
-all-quantized KL minus the kept layers' own KL; int8's own error is ~100x smaller than int4's).
+The bits/KL trade-off: keeping the k most sensitive units at per-channel int8 costs their extra
+bits (exact, from the formats) and removes, to first order, their KL (estimated as the
+all-quantized KL minus the kept units' own KL; on the default model per-channel int8 RTN costs KL
+0.004 where int4 g128 RTN costs 0.56, so int8's own error is left out).
 """
 from __future__ import annotations
 
@@ -130,59 +132,82 @@ def _relative_errors(model: Transformer, formats: dict[str, WeightFormat], run) 
     return out, sums
 
 
+GRANULARITIES = ("linear", "layer", "type")
+
+
+def units(names: list[str], granularity: str) -> dict[str, list[str]]:
+    """Group linear names into what is measured (and kept at int8) together, keyed by the
+    --keep-8bit pattern that names the group: each linear alone ("linear"), every linear of a
+    decoder layer ("layer": model.layers.3.*), or one projection in every layer ("type":
+    *.mlp.down_proj)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, not {granularity!r}")
+    out: dict[str, list[str]] = {}
+    for name in names:
+        if granularity == "linear" or name == "lm_head":
+            key = name
+        elif granularity == "layer":
+            key = ".".join(name.split(".")[:3]) + ".*"
+        else:
+            key = "*." + ".".join(name.split(".")[3:])
+        out.setdefault(key, []).append(name)
+    return out
+
+
 @torch.inference_mode()
 def sensitivity(model: Transformer, formats: dict[str, WeightFormat], windows: torch.Tensor,
-                progress=None) -> SensitivityReport:
-    """The KL each linear in `formats` causes alone, on windows (S, T) of token ids.
+                granularity: str = "linear", progress=None) -> SensitivityReport:
+    """The KL each unit of `formats` (see `units`) causes alone, on windows (S, T) of token ids.
 
-    `model` is the 16-bit model (plain nn.Linear; a tied lm_head reads the embedding);
+    `model` is the 16-bit model (plain, unfused nn.Linear; a tied lm_head reads the embedding);
     `formats` maps module names (as `calibrate` or a checkpoint give them) to their quantized
-    weights. `progress(i, n, name)` is called before each linear."""
+    weights. The model is left as it was. `progress(i, n, name)` is called before each unit."""
     runner = _Runner(model, windows)
     head = model.lm_head.weight
+    n_layers = len(model.model.layers)
     inputs, sums = _relative_errors(model, formats, runner.layer_inputs)
-    ref = runner.log_probs(inputs[-1], len(model.model.layers), head)
+    x_head = model.model.norm(inputs[-1]).reshape(-1, head.shape[1])
+    if "lm_head" in formats:
+        w_hat = formats["lm_head"].dequantize(runner.dtype).to(runner.device)
+        sums["lm_head"] = [float(F.linear(x_head, head - w_hat).square().sum()),
+                           float(F.linear(x_head, head).square().sum())]
+    ref = runner.log_probs(inputs[-1], n_layers, head)
     modules = dict(model.named_modules())
     scale_bytes = head.element_size()
 
-    def kl_of(log_probs):
-        return float(kl_per_token(ref, log_probs).mean())
+    def kl_with(names: list[str]) -> float:
+        """KL with the linears `names` quantized (and nothing else)."""
+        start = min((int(n.split(".")[2]) for n in names if n != "lm_head"), default=n_layers)
+        kept = {}
+        try:
+            for n in names:
+                if n != "lm_head":
+                    kept[n] = modules[n].weight.data.clone()
+                    modules[n].weight.data.copy_(
+                        formats[n].dequantize(runner.dtype).to(runner.device))
+            w_head = formats["lm_head"].dequantize(runner.dtype).to(runner.device) \
+                if "lm_head" in names else head
+            return float(kl_per_token(ref, runner.log_probs(inputs[start], start, w_head)).mean())
+        finally:
+            for n, w in kept.items():
+                modules[n].weight.data.copy_(w)
 
+    groups = units(list(formats), granularity)
     results = []
-    for i, (name, fmt) in enumerate(formats.items()):
+    for i, (key, names) in enumerate(groups.items()):
         if progress is not None:
-            progress(i, len(formats), name)
-        w_hat = fmt.dequantize(runner.dtype).to(runner.device)
-        if name == "lm_head":
-            kl = kl_of(runner.log_probs(inputs[-1], len(model.model.layers), w_hat))
-            x = model.model.norm(inputs[-1]).reshape(-1, w_hat.shape[1])
-            rel = float(F.linear(x, head - w_hat).square().sum() / F.linear(x, head).square().sum())
-        else:
-            index = int(name.split(".")[2])
-            module: nn.Linear = modules[name]
-            kept = module.weight.data.clone()
-            module.weight.data.copy_(w_hat)
-            try:
-                kl = kl_of(runner.log_probs(inputs[index], index, head))
-            finally:
-                module.weight.data.copy_(kept)
-            num, den = sums[name]
-            rel = num / den if den else 0.0
-        results.append(LinearSensitivity(name, kl, rel, fmt.out_features * fmt.in_features,
-                                         _bits(fmt), _int8_bits(fmt, scale_bytes)))
+            progress(i, len(groups), key)
+        weights = sum(formats[n].out_features * formats[n].in_features for n in names)
+        num = sum(sums[n][0] for n in names)
+        den = sum(sums[n][1] for n in names)
 
-    kept_weights = {}
-    for name, fmt in formats.items():
-        if name != "lm_head":
-            kept_weights[name] = modules[name].weight.data.clone()
-            modules[name].weight.data.copy_(fmt.dequantize(runner.dtype).to(runner.device))
-    try:
-        all_head = formats["lm_head"].dequantize(runner.dtype).to(runner.device) \
-            if "lm_head" in formats else head
-        kl_all = kl_of(runner.log_probs(inputs[0], 0, all_head))
-    finally:
-        for name, w in kept_weights.items():
-            modules[name].weight.data.copy_(w)
+        def mean(f):
+            return sum(f(formats[n]) * formats[n].out_features * formats[n].in_features
+                       for n in names) / weights
+
+        results.append(LinearSensitivity(key, kl_with(names), num / den if den else 0.0, weights,
+                                         mean(_bits), mean(lambda f: _int8_bits(f, scale_bytes))))
+    kl_all = kl_with(list(formats))
     results.sort(key=lambda s: s.kl, reverse=True)
     return SensitivityReport(results, kl_all, ref.shape[0])
 
@@ -190,7 +215,7 @@ def sensitivity(model: Transformer, formats: dict[str, WeightFormat], windows: t
 def measure(model_path, quant: QuantConfig, method: str = "rtn", *, calib=None,
             calib_tokens: int | None = None, n_windows: int = 2, window_len: int = 512,
             seed: int = 0, device: str = "auto", dtype: str = "auto", checkpoint=None,
-            progress: bool = True) -> SensitivityReport:
+            granularity: str = "linear", progress: bool = True) -> SensitivityReport:
     """`lowbit sensitivity`: quantize every linear of `model_path` as `quant` and `method` say
     (rtn, or search/gptq calibrated layer by layer) or take them from a lowbit `checkpoint`
     (then the model is its recorded source), and measure each one's KL alone on
@@ -226,8 +251,9 @@ def measure(model_path, quant: QuantConfig, method: str = "rtn", *, calib=None,
                                 window_len=window, seed=seed)
         formats = dict(calibrate(source, quant, CalibrationSettings(method), text.windows,
                                  loaded.device, loaded.dtype, progress))
-    bar = Progress(len(formats), "sensitivity", unit="linears", enabled=progress)
-    report = sensitivity(loaded.model, formats, sample,
+    bar = Progress(len(units(list(formats), granularity)), "sensitivity", unit=granularity + "s",
+                   enabled=progress)
+    report = sensitivity(loaded.model, formats, sample, granularity,
                          progress=lambda i, n, name: bar.update(1 if i else 0, name))
     bar.update(1)
     bar.close()

@@ -59,3 +59,17 @@ def test_an_exactly_representable_linear_costs_nothing(loaded):
             assert torch.equal(p, before[n]), n
     finally:
         module.weight.data.copy_(original)
+
+
+@pytest.mark.parametrize("granularity,count", [("layer", 2), ("type", 7)])
+def test_units_by_layer_and_by_type(loaded, granularity, count):
+    windows = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(2))
+    formats = formats_for(loaded.model)
+    report = sensitivity(loaded.model, formats, windows, granularity)
+    assert len(report.layers) == count
+    assert sum(s.weights for s in report.layers) == sum(
+        f.out_features * f.in_features for f in formats.values())
+    if granularity == "type":
+        assert {s.name for s in report.layers} >= {"*.mlp.down_proj", "*.self_attn.q_proj"}
+    else:
+        assert {s.name for s in report.layers} == {"model.layers.0.*", "model.layers.1.*"}
