@@ -9,6 +9,7 @@ from lowbit.cli.errors import LowbitGroup
 from lowbit.cli.export_hf import export_hf
 from lowbit.cli.generate import generate
 from lowbit.cli.info import info
+from lowbit.cli.sensitivity import sensitivity
 
 
 @click.group(cls=LowbitGroup)
@@ -20,5 +21,5 @@ def cli(verbose):
                         format="%(name)s: %(message)s")
 
 
-for command in (generate, info, convert, compare, bench, calibrate_device, export_hf):
+for command in (generate, info, convert, compare, bench, sensitivity, calibrate_device, export_hf):
     cli.add_command(command)
