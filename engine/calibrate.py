@@ -171,10 +171,10 @@ class LayerCalibrator:
         module.weight.data.copy_(fmt.dequantize(self.dtype))
         return fmt
 
-    def _weights16(self, index: int, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        """The source's 16-bit weights (what conversion quantizes), by module name in the layer."""
-        return {n: self.source.get_tensor(f"model.layers.{index}.{n}.weight").to(self.scale_dtype)
-                for n in names}
+    def _weight16(self, index: int, name: str) -> torch.Tensor:
+        """The source's 16-bit weight of layer `index`'s `name` (what conversion quantizes; the
+        layer's own copy is in the compute dtype, which may round it, e.g. fp16 → bf16)."""
+        return self.source.get_tensor(f"model.layers.{index}.{name}.weight").to(self.scale_dtype)
 
     @torch.inference_mode()
     def layer(self, index: int) -> Iterator[tuple[str, WeightFormat]]:
@@ -186,8 +186,8 @@ class LayerCalibrator:
 
         def run(site_stats: InputStats, pairs):
             for name, module in pairs:
-                w16 = self._weights16(index, (name,))[name]
-                fmt = self._quantize(prefix, module, name, site_stats, w16)
+                fmt = self._quantize(prefix, module, name, site_stats,
+                                     self._weight16(index, name))
                 if fmt is not None:
                     out.append((prefix + name, fmt.to("cpu")))
 
