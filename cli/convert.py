@@ -11,7 +11,7 @@ WEIGHT_BITS = {"int8": 8, "int4": 4}
 
 
 def _quant_config(weights: str, group_size: int | None, symmetric: bool, keep_16bit: tuple,
-                  kv: int, method: str, keep_8bit: tuple = ()):
+                  kv: int, method: str, keep_8bit: tuple = (), tied_head: bool = False):
     from lowbit.quant.config import BNB_METHODS, DEFAULT_KEEP_16BIT, QuantConfig
 
     keep = tuple(dict.fromkeys(DEFAULT_KEEP_16BIT + keep_16bit))
@@ -28,7 +28,8 @@ def _quant_config(weights: str, group_size: int | None, symmetric: bool, keep_16
     if group_size is None and bits == 4:
         group_size = 128
     return QuantConfig(weight_bits=bits, group_size=group_size, symmetric=symmetric,
-                       method=method, keep_16bit=keep, kv_bits=kv, keep_8bit=keep_8bit)
+                       method=method, keep_16bit=keep, kv_bits=kv, keep_8bit=keep_8bit,
+                       quantize_tied_lm_head=tied_head)
 
 
 def format_summary(s) -> str:
@@ -54,6 +55,9 @@ def format_summary(s) -> str:
 @click.option("--keep-16bit", "keep_16bit", multiple=True, metavar="PATTERN",
               help="keep modules matching PATTERN (a prefix or glob, e.g. lm_head or "
                    "'*.down_proj') in 16-bit; repeatable; the embedding always is")
+@click.option("--quantize-tied-lm-head", "tied_head", is_flag=True,
+              help="also store a quantized copy of a tied embedding as lm_head: less decode "
+                   "bandwidth, more memory, and on SmolLM2 int4 +55% perplexity instead of +32%")
 @click.option("--kv", type=int, default=16, show_default=True,
               help="default KV-cache bits recorded in the checkpoint (16, 8 or 4)")
 @click.option("--method", default="rtn", show_default=True,
@@ -73,8 +77,8 @@ def format_summary(s) -> str:
 @click.option("--device", default="auto", show_default=True,
               help="where calibration runs: auto, cpu, cuda, cuda:N")
 @click.option("--force", is_flag=True, help="replace OUT if it is a lowbit checkpoint")
-def convert(paths, weights, group_size, symmetric, keep_16bit, kv, method, calib, calib_tokens,
-            keep_8bit, seed, device, force):
+def convert(paths, weights, group_size, symmetric, keep_16bit, tied_head, kv, method, calib,
+            calib_tokens, keep_8bit, seed, device, force):
     """Quantize SRC (an HF directory or GGUF file; default: the embedded SmolLM2-135M-Instruct)
     into a lowbit checkpoint directory OUT, streaming one tensor at a time."""
     from lowbit.quant.architecture import UnsupportedModelError
@@ -95,7 +99,8 @@ def convert(paths, weights, group_size, symmetric, keep_16bit, kv, method, calib
     if not calibrated and (calib or calib_tokens):
         raise click.ClickException("--calib and --calib-tokens need --method search or gptq")
     try:
-        cfg = _quant_config(weights, group_size, symmetric, keep_16bit, kv, method, keep_8bit)
+        cfg = _quant_config(weights, group_size, symmetric, keep_16bit, kv, method, keep_8bit,
+                            tied_head)
         if calibrated:
             from lowbit.engine.calibrate import CalibrationSettings, convert_calibrated
             summary = convert_calibrated(src, Path(out), cfg, CalibrationSettings(method),

@@ -84,3 +84,17 @@ def test_one_positional_converts_the_default_model(tmp_path):
     names = ckpt.tensor_names()
     assert "model.layers.29.mlp.down_proj.qweight" in names
     assert not any(n.startswith("lm_head.") for n in names)  # tied: the embedding is the head
+
+
+def test_quantize_tied_lm_head_flag(tmp_path):
+    from click.testing import CliRunner
+    from helpers import write_tiny_llama
+
+    from lowbit.cli.convert import convert
+    from lowbit.quant.checkpoint import read_checkpoint
+    src = write_tiny_llama(tmp_path / "src", tie=True)
+    result = CliRunner().invoke(convert, [str(src), str(tmp_path / "out"), "--weights", "int4",
+                                          "--group-size", "32", "--quantize-tied-lm-head"])
+    assert result.exit_code == 0, result.output
+    ckpt = read_checkpoint(tmp_path / "out")
+    assert ckpt.quant.quantize_tied_lm_head and "lm_head.qweight" in ckpt.tensor_names()
