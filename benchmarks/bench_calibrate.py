@@ -13,6 +13,7 @@ Targets (issue 7): an 8B model in ≤ 20 minutes with peak GPU memory ≤ 24 GB.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 import zlib
@@ -86,12 +87,19 @@ def main():
     p.add_argument("--window-len", type=int, default=2048)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--methods", default="gptq,search")
+    p.add_argument("--layers", type=int, default=None,
+                   help="calibrate only the first N decoder layers (plus lm_head) and extrapolate "
+                        "the full model's minutes linearly in the layer count (an upper bound: "
+                        "lm_head's share is counted once per N layers)")
     p.add_argument("--out", default=None, help="results folder [default: results/<card>]")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_calibrate needs a CUDA device")
     device = torch.device("cuda")
     label, cfg = named_config(args.config)
+    full_layers = cfg.num_layers
+    if args.layers:
+        cfg = dataclasses.replace(cfg, num_layers=min(args.layers, full_layers))
     source = RandomDeviceSource(label, cfg, device)
     quant = QuantConfig(weight_bits=4, group_size=args.group_size)
     gen = torch.Generator().manual_seed(0)
@@ -101,6 +109,8 @@ def main():
     for method in args.methods.split(","):
         row = run(source, quant, method, windows, device)
         row["model"] = f"{label} (random)"
+        row["layers"] = f"{cfg.num_layers} of {full_layers}"
+        row["full_model_minutes_upper_bound"] = round(row["minutes"] * full_layers / cfg.num_layers, 2)
         rows.append(row)
         print(format_table([row], list(row)), flush=True)
     path = write_results("calibrate", rows, measure_limits(), args.out)
