@@ -297,3 +297,43 @@ def test_overlap_flag_for_compare():
     assert overlapping_evaluation(record, "bbb", 8192) is None
     assert "may overlap" in overlapping_evaluation(record, "bbb", 16384)
     assert "another text" in overlapping_evaluation(record, "ccc", 8192)
+
+
+@pytest.mark.slow
+def test_default_model_first_layer_gptq_beats_rtn_on_held_out_text():
+    """Real weights, real text: layer 0 of the default model calibrated on 2048 tokens, its output
+    compared with the 16-bit layer's on 512 other tokens of the news corpus. Measured: GPTQ's
+    output MSE 0.034 against RTN's 0.045 (0.75x); the assertion leaves room for 0.85x."""
+    import dataclasses
+
+    from lowbit.engine.calibrate import LayerCalibrator, load_layer
+    from lowbit.engine.kv_cache import DenseKVCache
+    from lowbit.engine.rope import Rotary
+
+    source = open_source(None)
+    tokenizer = Tokenizer.from_files(source.tokenizer_files())
+    calib = calibration_text(tokenizer, n_tokens=2048, window_len=512, seed=0).windows
+    held_out = calibration_text(tokenizer, n_tokens=512, window_len=512, seed=1).windows
+    quant = QuantConfig(weight_bits=4, group_size=128)
+    gptq = dict(LayerCalibrator(source, quant, CalibrationSettings("gptq"), calib,
+                                torch.device("cpu"), torch.float32).layer(0))
+    rtn = {n: quantize_weight(source.get_tensor(n + ".weight").to(source.dtype()), quant)
+           for n in gptq}
+    cfg = source.model_config
+    cos, sin = Rotary(cfg)(torch.arange(512), torch.float32)
+    x = source.get_tensor("model.embed_tokens.weight").float()[held_out]  # (1, 512, H)
+
+    def run(formats):
+        layer = load_layer(source, 0, torch.device("cpu"), torch.float32)
+        modules = dict(layer.named_modules())
+        for name, fmt in (formats or {}).items():
+            modules[name.removeprefix("model.layers.0.")].weight.data.copy_(
+                fmt.dequantize(torch.float32))
+        cache = DenseKVCache(dataclasses.replace(cfg, num_layers=1), 1, 512, torch.float32, "cpu")
+        with torch.inference_mode():
+            return layer(x, cos, sin, torch.arange(512), cache, 512)
+
+    ref = run(None)
+    err_gptq = (run(gptq) - ref).square().mean()
+    err_rtn = (run(rtn) - ref).square().mean()
+    assert err_gptq < 0.85 * err_rtn
