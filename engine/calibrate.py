@@ -53,7 +53,7 @@ class CalibrationSettings:
     method: str = "gptq"
     damp: float = DEFAULT_DAMP  # GPTQ: fraction of mean diag(H) added to the diagonal
     block_size: int = DEFAULT_BLOCK  # GPTQ: columns per lazy-update block
-    order: str = "group"  # GPTQ column order, see quant/gptq.py
+    order: str = "static"  # GPTQ column order, measured in quant/gptq.py
 
     def __post_init__(self):
         if self.method not in CALIBRATED_METHODS:
