@@ -8,8 +8,12 @@ Each op ("dequant_matmul", "kv_attention", ...) has backends registered with
 The device is the type of the first tensor argument (the input activation).
 
 Choice is never silent: the first time an (op, backend, device, shape class) is picked it is
-logged at INFO on "lowbit.kernels", together with why any better-ranked backend was skipped;
-a forced backend that cannot run raises BackendUnavailable with its reason instead of falling back.
+logged at INFO on "lowbit.kernels", together with why any better-ranked backend was skipped.
+
+Forcing a backend (`--backend NAME`) applies to the ops that implement NAME: there, a forced
+backend that cannot run raises BackendUnavailable with its reason instead of falling back. Ops
+with no NAME backend (kv_attention has no "cpu-packed") choose automatically, and that is logged
+like any choice. Forcing a name that no op implements is an error.
 """
 from __future__ import annotations
 
@@ -61,7 +65,7 @@ def all_backends() -> list[str]:
 
 
 def force_backend(name: str | None) -> None:
-    """Run every op on backend `name` (None: choose automatically again)."""
+    """Run every op that implements backend `name` on it (None: choose automatically again)."""
     global _forced
     if name is not None and name not in all_backends():
         raise BackendUnavailable(f"unknown backend {name!r}; registered: "
@@ -121,23 +125,24 @@ def _record(op: str, backend: str, device: str, shape_class: str, skipped: list[
 
 
 def _pick(op: str, table: dict[str, _Backend], device: str, args, kw) -> tuple[_Backend, list[str]]:
+    """The backend to run and the notes to log with it: why better-ranked ones were skipped."""
+    notes = []
     if _forced is not None:
         backend = table.get(_forced)
-        if backend is None:
-            raise BackendUnavailable(f"backend {_forced!r} (forced) does not implement {op!r}; "
-                                     f"it has: {', '.join(table)}")
-        reason = backend.reason_unsupported(args, kw)
-        if reason is not None:
-            raise BackendUnavailable(f"backend {_forced!r} (forced) cannot run {op!r} on "
-                                     f"{device}: {reason}")
-        return backend, [f"{_forced} forced"]
+        if backend is not None:
+            reason = backend.reason_unsupported(args, kw)
+            if reason is not None:
+                raise BackendUnavailable(f"backend {_forced!r} (forced) cannot run {op!r} on "
+                                         f"{device}: {reason}")
+            return backend, [f"{_forced} forced"]
+        notes.append(f"{_forced} (forced) does not implement {op}")
     ranked = sorted((b for b in table.values() if device in b.priority),
                     key=lambda b: b.priority[device])
     skipped = []
     for backend in ranked:
         reason = backend.reason_unsupported(args, kw)
         if reason is None:
-            return backend, skipped
+            return backend, notes + skipped
         skipped.append(f"{backend.name}: {reason}")
     detail = "; ".join(skipped) if skipped else "no backend is registered for this device"
     raise BackendUnavailable(f"no backend can run {op!r} on {device}: {detail}")

@@ -68,17 +68,29 @@ def test_forced_backend_that_cannot_run_raises_with_reason():
     assert dispatch(op, torch.zeros(1))[0] == "slow"  # the context manager restored auto choice
 
 
-def test_forced_backend_missing_for_op_raises():
+def test_forced_backend_missing_for_op_chooses_automatically_and_logs(caplog):
     op = _op()
-    registry.register(op, "slow", lambda x: "slow", priority={"cpu": 1})
+    _register_pair(op, fast_reason="needs K % 64 == 0")
     other = _op()
     registry.register(other, "special", lambda x: "special", priority={"cpu": 1})
-    force_backend("special")
-    try:
-        with pytest.raises(BackendUnavailable, match="'special'.*does not implement"):
+    with caplog.at_level(logging.INFO, logger="lowbit.kernels"), use_backend("special"):
+        assert dispatch(other, torch.zeros(1)) == "special"
+        assert dispatch(op, torch.zeros(1))[0] == "slow"
+        dispatch(op, torch.zeros(1))
+    msgs = [r.getMessage() for r in caplog.records if op + " " in r.getMessage()]
+    assert len(msgs) == 1  # logged once, as any choice
+    assert "backend slow" in msgs[0] and "special (forced) does not implement" in msgs[0]
+    assert "fast: needs K % 64 == 0" in msgs[0]
+
+
+def test_forced_backend_missing_for_op_with_no_backend_for_device_raises():
+    op = _op()
+    registry.register(op, "cuda-only", lambda x: x, priority={"cuda": 0})
+    other = _op()
+    registry.register(other, "special", lambda x: "special", priority={"cpu": 1})
+    with use_backend("special"):
+        with pytest.raises(BackendUnavailable, match="no backend is registered for this device"):
             dispatch(op, torch.zeros(1))
-    finally:
-        force_backend(None)
 
 
 def test_forced_wins_over_priority_and_unknown_name_rejected():
