@@ -21,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_results  # noqa: E402
 
+from lowbit.engine.device_limits import get_limits  # noqa: E402
 from lowbit.engine.kv_cache import create_cache  # noqa: E402
 from lowbit.engine.model_configs import named_config  # noqa: E402
 from lowbit.engine.random_model import random_model  # noqa: E402
@@ -99,7 +100,7 @@ def main() -> None:
         rows.append(row)
         del model
         torch.cuda.empty_cache()
-    write_results(args.name, rows, args.out)
+    write_results(args.name, rows, get_limits(device), out_dir=args.out)
 
 
 if __name__ == "__main__":

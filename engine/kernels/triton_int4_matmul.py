@@ -198,6 +198,11 @@ def default_plan(m: int, n: int, k: int, group_size: int) -> Plan:
     # H100, M=1, int4 g128 (us per layer shape, 8 rotating copies): 4096x4096 11.2, 1024x4096
     # 6.9 (n64 + prefetch); 14336x4096 24.4 (n64 + prefetch, 8 programs per SM); 4096x14336 25.3.
     if m == 1:
+        if block_k < 128:
+            # g64 (us, H100, sweep of 2026-11-27 run 3): 8 programs per SM, n64 + prefetch
+            # 14336x4096 32.9 / 4096x14336 30.8 / 4096x4096 13.9 against 35.9-45.5 / 37.1 / 16.8
+            # for the g128 choices below: with 64-column chunks one program has half the work.
+            return Plan("gemv", block_m=1, block_n=64, block_k=block_k, prefetch=True, waves=8)
         if n >= 8192:
             return Plan("gemv", block_m=1, block_n=64, block_k=block_k, prefetch=True, waves=8)
         if k >= 8192:  # down_proj 4096x14336: 25.3 us vs 26.4 with prefetch
