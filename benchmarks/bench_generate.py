@@ -25,6 +25,7 @@ from common import write_results  # noqa: E402
 from lowbit.engine.device_limits import get_limits  # noqa: E402
 from lowbit.engine.generate import Generation  # noqa: E402
 from lowbit.engine.load import load_model  # noqa: E402
+from lowbit.engine.profile import model_layout  # noqa: E402
 from lowbit.engine.model_configs import NAMED_CONFIGS, named_config  # noqa: E402
 from lowbit.engine.random_model import random_model  # noqa: E402
 from lowbit.quant.config import QuantConfig  # noqa: E402
@@ -46,18 +47,8 @@ def build(config: str, method: str, device):
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes one decode token reads from the weights: everything but the embedding table, of which
-    it reads one row."""
-    emb = model.model.embed_tokens.weight
-    total, seen = 0, set()
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen or t.data_ptr() == emb.data_ptr():
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    if model.config.tie_word_embeddings:
-        total += emb.numel() * emb.element_size()  # lm_head reads the whole shared table
-    return total + emb.shape[1] * emb.element_size()
+    """Bytes one decode token reads from the weights (engine.profile counts them)."""
+    return model_layout(model, "measured").decode_weight_bytes
 
 
 def time_lowbit(model, prompt_ids, new_tokens, kv_bits=16):

@@ -37,6 +37,7 @@ from lowbit.engine.generate import PREFILL_CHUNK, model_weight_bytes, prefill  #
 from lowbit.engine.kernels import registry  # noqa: E402
 from lowbit.engine.kv_cache import create_cache  # noqa: E402
 from lowbit.engine.model_configs import named_config  # noqa: E402
+from lowbit.engine.profile import model_layout  # noqa: E402
 from lowbit.engine.random_model import random_model  # noqa: E402
 from lowbit.quant.config import QuantConfig  # noqa: E402
 
@@ -47,10 +48,8 @@ KV_NAMES = {16: "bf16", 8: "int8", 4: "int4"}
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes a decode token reads from the weights: all of them but the embedding table, of
-    which it reads one row."""
-    emb = model.model.embed_tokens.weight
-    return model_weight_bytes(model) - emb.nbytes + emb.shape[1] * emb.element_size()
+    """Bytes one decode token reads from the weights (engine.profile counts them)."""
+    return model_layout(model, "measured").decode_weight_bytes
 
 
 def kv_read_bytes(cache, context: int) -> float:

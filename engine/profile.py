@@ -88,6 +88,12 @@ class WeightLayout:
     def total_linear_bytes(self) -> int:
         return sum(self.linear_bytes.values())
 
+    @property
+    def decode_weight_bytes(self) -> int:
+        """What one decode token reads from the weights: every linear (lm_head included), the
+        norms, and one embedding row."""
+        return self.total_linear_bytes + self.norm_bytes + self.embedding_row_bytes
+
 
 def analytic_layout(cfg: ModelConfig, weights: str, dtype_bytes: int,
                     group_size: int | None = None, symmetric: bool = False,
