@@ -29,7 +29,7 @@ from bench_generate import METHODS  # noqa: E402
 
 # first matching substring names the family; the order puts specific names before generic ones
 FAMILIES = [("gemv/matmul", ("matmul", "gemv", "gemm", "cutlass", "sm90_xmma", "nvjet", "dequant")),
-            ("attention", ("attention", "flash", "fmha")),
+            ("attention", ("attention", "_decode_", "flash", "fmha")),
             ("kv write", ("kv_update", "index_copy", "scatter", "quantize")),
             ("norm", ("rms", "norm")),
             ("rotary", ("rotary", "rope")),

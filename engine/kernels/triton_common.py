@@ -54,6 +54,40 @@ def split_k_buffers(device: torch.device, split_k: int, m: int, n: int,
             buffer("splitk_locks", device, torch.int32, tiles, zeroed=True))
 
 
+def split_launch(plan: "Plan", m: int, n: int, chunks: int, device: torch.device):
+    """(tiles, split, chunks per split, workspace, counters) of a split-K launch on a
+    (tiles, split) grid: output tiles of plan.block_m x plan.block_n, `chunks` K-chunks dealt
+    out so that no split is empty."""
+    tiles = triton.cdiv(m, plan.block_m) * triton.cdiv(n, plan.block_n)
+    split = plan.split_k or pick_split_k(tiles, chunks, device, plan.waves)
+    per_split = triton.cdiv(chunks, split)
+    split = triton.cdiv(chunks, per_split)
+    ws, locks = split_k_buffers(device, split, m, n, tiles)
+    return tiles, split, per_split, ws, locks
+
+
+def as_words(q: torch.Tensor) -> torch.Tensor:
+    """(N, KW) int32 view of (N, B) bytes, B padded with zeros to a multiple of 4 (a copy only
+    when padding, misalignment or strides require one)."""
+    pad = -q.shape[1] % 4
+    if pad or q.storage_offset() % 4 or not q.is_contiguous():
+        q = torch.nn.functional.pad(q, (0, pad)).contiguous()  # (N, 4 * KW)
+    return q.view(torch.int32)
+
+
+def dequant_scratch(x: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The per-device (n, k) scratch in x's dtype that one layer is dequantized into."""
+    return buffer("dequant", x.device, x.dtype, n * k).view(n, k)
+
+
+def scratch_matmul(x: torch.Tensor, w16: torch.Tensor, bias: torch.Tensor | None,
+                   out: torch.Tensor) -> torch.Tensor:
+    """out = x @ w16.T (+ bias) on cuBLAS."""
+    if bias is None:
+        return torch.mm(x, w16.t(), out=out)
+    return torch.addmm(bias.to(x.dtype), x, w16.t(), out=out)
+
+
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # the interpreter: any small grid exercises the split-K path
@@ -130,6 +164,23 @@ def unpack_int8(words):
     b3 = int8_plane(words, hi, 3)
     both = tl.join(tl.join(b0, b2), tl.join(b1, b3))  # (R, W, 2, 2): bits 1 and 0 of i
     return tl.reshape(both, (words.shape[0], words.shape[1] * 4))
+
+
+@triton.jit
+def x_in(k, m, M, K, EVEN_K: tl.constexpr):
+    """Mask of x[m, k] loads: row in range, and column in range unless K is a chunk multiple
+    (a padded word's last columns would read the next row, or past the end of x)."""
+    if EVEN_K:
+        return m < M
+    return (m < M) & (k < K)
+
+
+@triton.jit
+def load_x_tile(x_ptrs, k0, offs_k, m_mask, K, EVEN_K: tl.constexpr):
+    """(BLOCK_K, BLOCK_M) activations of the chunk at k0 for tl.dot, zero outside x."""
+    if EVEN_K:
+        return tl.load(x_ptrs + k0, mask=m_mask[None, :], other=0.0)
+    return tl.load(x_ptrs + k0, mask=m_mask[None, :] & ((k0 + offs_k) < K)[:, None], other=0.0)
 
 
 @triton.jit

@@ -28,8 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import (Plan, finish_tile, int4_plane, int8_plane, pick_split_k,
-                            split_k_buffers)
+from .triton_common import Plan, finish_tile, int4_plane, int8_plane, split_launch
 
 
 def plane_words(codes: Tensor, bits: int, words_per_plane: int, block_n: int) -> Tensor:
@@ -182,11 +181,7 @@ def planes_matmul(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor | None
         raise ValueError(f"the planes path takes 1 or 2 rows per program, not {plan.block_m}")
     m, k = x.shape
     chunks = triton.cdiv(k, (32 // bits) * w)
-    tiles = triton.cdiv(m, plan.block_m) * triton.cdiv(n, plan.block_n)
-    split = plan.split_k or pick_split_k(tiles, chunks, x.device, plan.waves)
-    per_split = triton.cdiv(chunks, split)
-    split = triton.cdiv(chunks, per_split)  # no empty splits
-    ws, locks = split_k_buffers(x.device, split, m, n, tiles)
+    tiles, split, per_split, ws, locks = split_launch(plan, m, n, chunks, x.device)
     _planes_gemv_kernel[(tiles, split)](
         x, words, scales, scales if zeros is None else zeros, out if bias is None else bias,
         out, ws, locks, m, n, k, x.stride(0), out.stride(0), chunks, per_split,

@@ -21,20 +21,12 @@ from torch import Tensor
 
 from lowbit.quant.formats import Int4Weight
 
-from .triton_common import (Plan, buffer, finish_tile, int4_plane, load_words,
-                            pick_split_k, split_k_buffers, unpack_int4)
+from .triton_common import (Plan, as_words, dequant_scratch, finish_tile, int4_plane,
+                            load_words, load_x_tile, scratch_matmul, split_launch, unpack_int4,
+                            x_in)
 from .triton_gemv_planes import plane_words, planes_matmul, words_per_plane
 
 REPACK_KEY = "triton"
-
-
-@triton.jit
-def _x_in(k, m, M, K, EVEN_K: tl.constexpr):
-    """Mask of x[m, k] loads: row in range, and column in range unless K is a chunk multiple
-    (a padded word's last columns would read the next row, or past the end of x)."""
-    if EVEN_K:
-        return m < M
-    return (m < M) & (k < K)
 
 
 @triton.jit
@@ -56,11 +48,11 @@ def _gemv_chunk(words, zf, s, x_ptr, stride_xm, m0, M, k0, K, BLOCK_M: tl.conste
     part1 = tl.zeros(words.shape, dtype=tl.float32)
     for i in tl.static_range(8):
         w = int4_plane(words, hi, zf, i)
-        x0 = tl.load(row0 + i, mask=_x_in(offs_x + i, zero + m0, M, K, EVEN_K), other=0.0)
+        x0 = tl.load(row0 + i, mask=x_in(offs_x + i, zero + m0, M, K, EVEN_K), other=0.0)
         x0 = x0.to(tl.float32)
         part0 += w * x0[None, :]
         if BLOCK_M == 2:
-            x1 = tl.load(row1 + i, mask=_x_in(offs_x + i, zero + m0 + 1, M, K, EVEN_K),
+            x1 = tl.load(row1 + i, mask=x_in(offs_x + i, zero + m0 + 1, M, K, EVEN_K),
                          other=0.0).to(tl.float32)
             part1 += w * x1[None, :]
     cols = tl.arange(0, BLOCK_M)[None, :]
@@ -111,11 +103,7 @@ def _int4_matmul_kernel(
         else:
             words = load_words(w_ptrs, c, c_end, n_mask, offs_w, stride_wn, EVEN_K)
         if USE_DOT:
-            if EVEN_K:
-                x = tl.load(x_ptrs + k0, mask=m_mask[None, :], other=0.0)
-            else:
-                x_mask = m_mask[None, :] & ((k0 + offs_k) < K)[:, None]
-                x = tl.load(x_ptrs + k0, mask=x_mask, other=0.0)
+            x = load_x_tile(x_ptrs, k0, offs_k, m_mask, K, EVEN_K)
         g = k0 // GROUP_SIZE
         s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if SYMMETRIC:
@@ -171,13 +159,8 @@ def packed(weight: Int4Weight) -> dict[str, Tensor | None]:
     """The kernel layout of `weight` (see the module docstring), built on first use."""
     cache = weight.repacked
     if REPACK_KEY not in cache:
-        q = weight.qweight  # (N, K/2) uint8
-        n, half_k = q.shape
-        pad = -half_k % 4
-        if pad or q.storage_offset() % 4 or not q.is_contiguous():
-            q = torch.nn.functional.pad(q, (0, pad)).contiguous()  # (N, 4 * KW)
         zeros = None if weight.zeros is None else weight.zeros.t().contiguous()  # (G, N)
-        cache[REPACK_KEY] = {"words": q.view(torch.int32),  # (N, KW)
+        cache[REPACK_KEY] = {"words": as_words(weight.qweight),  # (N, KW) from (N, K/2) uint8
                              "scales": weight.scales.t().contiguous(),  # (G, N)
                              "zeros": zeros}
     return cache[REPACK_KEY]
@@ -239,21 +222,15 @@ def int4_matmul(x: Tensor, weight: Int4Weight, bias: Tensor | None, out: Tensor,
     block_k = min(plan.block_k, gs)
     even_k = k % block_k == 0
     if plan.path == "dequant":
-        w16 = buffer("dequant", x.device, x.dtype, n * k).view(n, k)
+        w16 = dequant_scratch(x, n, k)
         grid = (triton.cdiv(n, 64), triton.cdiv(k, block_k))
         _int4_dequant_kernel[grid](words, scales, z_arg, w16, n, k, words.shape[1],
                                    GROUP_SIZE=gs, BLOCK_N=64, BLOCK_K=block_k,
                                    SYMMETRIC=zeros is None, EVEN_K=even_k, num_warps=4)
-        if bias is None:
-            return torch.mm(x, w16.t(), out=out)
-        return torch.addmm(bias.to(x.dtype), x, w16.t(), out=out)
+        return scratch_matmul(x, w16, bias, out)
 
-    tiles = triton.cdiv(m, plan.block_m) * triton.cdiv(n, plan.block_n)
-    chunks = triton.cdiv(k, block_k)
-    split = plan.split_k or pick_split_k(tiles, chunks, x.device, plan.waves)
-    per_split = triton.cdiv(chunks, split)
-    split = triton.cdiv(chunks, per_split)  # no empty splits
-    ws, locks = split_k_buffers(x.device, split, m, n, tiles)
+    tiles, split, per_split, ws, locks = split_launch(plan, m, n, triton.cdiv(k, block_k),
+                                                      x.device)
     _int4_matmul_kernel[(tiles, split)](
         x, words, scales, z_arg, out if bias is None else bias, out, ws, locks,
         m, n, k, x.stride(0), words.shape[1], out.stride(0), per_split,

@@ -18,20 +18,12 @@ from torch import Tensor
 
 from lowbit.quant.formats import Int8Weight
 
-from .triton_common import (Plan, buffer, finish_tile, int8_plane, load_words,
-                            pick_split_k, split_k_buffers, unpack_int8)
+from .triton_common import (Plan, as_words, dequant_scratch, finish_tile, int8_plane,
+                            load_words, load_x_tile, scratch_matmul, split_launch, unpack_int8,
+                            x_in)
 from .triton_gemv_planes import plane_words, planes_matmul, words_per_plane
 
 REPACK_KEY = "triton"
-
-
-@triton.jit
-def _x_in(k, m, M, K, EVEN_K: tl.constexpr):
-    """Mask of x[m, k] loads: row in range, and column in range unless K is a chunk multiple
-    (a padded word's last columns would read the next row, or past the end of x)."""
-    if EVEN_K:
-        return m < M
-    return (m < M) & (k < K)
 
 
 @triton.jit
@@ -48,11 +40,11 @@ def _gemv_chunk(words, x_ptr, stride_xm, m0, M, k0, K, BLOCK_M: tl.constexpr,
     part1 = tl.zeros(words.shape, dtype=tl.float32)
     for i in tl.static_range(4):
         w = int8_plane(words, hi, i)
-        x0 = tl.load(row0 + i, mask=_x_in(offs_x + i, zero + m0, M, K, EVEN_K), other=0.0)
+        x0 = tl.load(row0 + i, mask=x_in(offs_x + i, zero + m0, M, K, EVEN_K), other=0.0)
         x0 = x0.to(tl.float32)
         part0 += w * x0[None, :]
         if BLOCK_M == 2:
-            x1 = tl.load(row1 + i, mask=_x_in(offs_x + i, zero + m0 + 1, M, K, EVEN_K),
+            x1 = tl.load(row1 + i, mask=x_in(offs_x + i, zero + m0 + 1, M, K, EVEN_K),
                          other=0.0).to(tl.float32)
             part1 += w * x1[None, :]
     cols = tl.arange(0, BLOCK_M)[None, :]
@@ -105,11 +97,7 @@ def _int8_matmul_kernel(
             s = tl.load(s_ptr + (k0 // GROUP_SIZE) * N + offs_n, mask=n_mask,
                         other=0.0).to(tl.float32)
         if USE_DOT:
-            if EVEN_K:
-                x = tl.load(x_ptrs + k0, mask=m_mask[None, :], other=0.0)
-            else:
-                x_mask = m_mask[None, :] & ((k0 + offs_k) < K)[:, None]
-                x = tl.load(x_ptrs + k0, mask=x_mask, other=0.0)
+            x = load_x_tile(x_ptrs, k0, offs_k, m_mask, K, EVEN_K)
             wq = unpack_int8(words)  # (BLOCK_N, BLOCK_K) fp32 q
             if GROUP_SIZE == 0:
                 acc = tl.dot(wq.to(x.dtype), x, acc, input_precision=DOT_PRECISION)
@@ -159,11 +147,8 @@ def packed(weight: Int8Weight) -> dict[str, Tensor]:
     """The kernel layout of `weight` (see the module docstring), built on first use."""
     cache = weight.repacked
     if REPACK_KEY not in cache:
-        q = weight.qweight.view(torch.uint8)  # (N, K): byte copies and pads without sign games
-        pad = -q.shape[1] % 4
-        if pad or q.storage_offset() % 4 or not q.is_contiguous():
-            q = torch.nn.functional.pad(q, (0, pad)).contiguous()  # (N, 4 * KW)
-        cache[REPACK_KEY] = {"words": q.view(torch.int32),  # (N, KW)
+        # (N, K) as bytes: copies and pads without sign games
+        cache[REPACK_KEY] = {"words": as_words(weight.qweight.view(torch.uint8)),  # (N, KW)
                              "scales": weight.scales.t().contiguous()}  # (G, N)
     return cache[REPACK_KEY]
 
@@ -218,20 +203,14 @@ def int8_matmul(x: Tensor, weight: Int8Weight, bias: Tensor | None, out: Tensor,
     block_k = min(plan.block_k, gs) if gs else plan.block_k
     even_k = k % block_k == 0
     if plan.path == "dequant":
-        w16 = buffer("dequant", x.device, x.dtype, n * k).view(n, k)
+        w16 = dequant_scratch(x, n, k)
         grid = (triton.cdiv(n, 64), triton.cdiv(k, block_k))
         _int8_dequant_kernel[grid](words, scales, w16, n, k, words.shape[1], GROUP_SIZE=gs,
                                    BLOCK_N=64, BLOCK_K=block_k, EVEN_K=even_k, num_warps=4)
-        if bias is None:
-            return torch.mm(x, w16.t(), out=out)
-        return torch.addmm(bias.to(x.dtype), x, w16.t(), out=out)
+        return scratch_matmul(x, w16, bias, out)
 
-    tiles = triton.cdiv(m, plan.block_m) * triton.cdiv(n, plan.block_n)
-    chunks = triton.cdiv(k, block_k)
-    split = plan.split_k or pick_split_k(tiles, chunks, x.device, plan.waves)
-    per_split = triton.cdiv(chunks, split)
-    split = triton.cdiv(chunks, per_split)  # no empty splits
-    ws, locks = split_k_buffers(x.device, split, m, n, tiles)
+    tiles, split, per_split, ws, locks = split_launch(plan, m, n, triton.cdiv(k, block_k),
+                                                      x.device)
     _int8_matmul_kernel[(tiles, split)](
         x, words, scales, out if bias is None else bias, out, ws, locks,
         m, n, k, x.stride(0), words.shape[1], out.stride(0), per_split,
