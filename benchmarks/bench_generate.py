@@ -28,10 +28,15 @@ from lowbit.engine.load import load_model  # noqa: E402
 from lowbit.engine.profile import model_layout  # noqa: E402
 from lowbit.engine.model_configs import NAMED_CONFIGS, named_config  # noqa: E402
 from lowbit.engine.random_model import random_model  # noqa: E402
-from lowbit.quant.config import QuantConfig  # noqa: E402
+from lowbit.quant.config import DEFAULT_KEEP_16BIT, QuantConfig  # noqa: E402
 
 METHODS = {"bf16": None, "int8": QuantConfig(weight_bits=8, group_size=None),
-           "int4-g128": QuantConfig(weight_bits=4, group_size=128)}
+           "int4-g128": QuantConfig(weight_bits=4, group_size=128),
+           # does quantizing an untied lm_head pay? (Llama-3: 128256 x 4096, 1.05 GB in bf16)
+           "int4-g128-lmhead16": QuantConfig(weight_bits=4, group_size=128,
+                                             keep_16bit=DEFAULT_KEEP_16BIT + ("lm_head",)),
+           "int4-g128-lmhead8": QuantConfig(weight_bits=4, group_size=128,
+                                            keep_8bit=("lm_head",))}
 DEFAULT_MODEL = "default"  # --config default: the embedded SmolLM2-135M-Instruct, real weights
 
 

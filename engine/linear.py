@@ -134,17 +134,18 @@ def swap_linears(model: nn.Module, cfg: QuantConfig, *,
         if skip(name):
             summary["kept_16bit"].append(name)
             continue
+        rules = cfg.for_module(name)  # a keep_8bit module is per-channel int8
         if cfg.method in BNB_METHODS:  # bitsandbytes' formats run in its own modules
             q = (BnbLinear.empty(cfg.method, linear.out_features, linear.in_features,
                                  linear.bias is not None, linear.weight.dtype,
                                  linear.weight.device)
                  if empty else BnbLinear.from_linear(linear, cfg))
         elif empty:
-            q = QuantizedLinear(linear.in_features, linear.out_features, cfg.weight_bits,
-                                cfg.group_size, cfg.symmetric, bias=linear.bias is not None,
+            q = QuantizedLinear(linear.in_features, linear.out_features, rules.weight_bits,
+                                rules.group_size, rules.symmetric, bias=linear.bias is not None,
                                 dtype=linear.weight.dtype, device=linear.weight.device)
         else:
-            q = QuantizedLinear.from_linear(linear, cfg)
+            q = QuantizedLinear.from_linear(linear, rules)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, q)

@@ -62,14 +62,15 @@ def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
             bias = None if module.bias is None else _draw(module.bias.shape, device, dtype, gen)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child,
-                    quantized_linear(weight, bias, quant))
+                    quantized_linear(weight, bias, quant.for_module(name)))
             del weight
         else:
             _materialize(module, device, dtype, gen)
     model.rotary.inv_freq = inverse_frequencies(cfg).to(device)  # fp32 whatever the model dtype
     if cfg.tie_word_embeddings:
         if quant is not None and not quant.stays_16bit("lm_head", tied_embeddings=True):
-            model.lm_head = quantized_linear(model.model.embed_tokens.weight, None, quant)
+            model.lm_head = quantized_linear(model.model.embed_tokens.weight, None,
+                                             quant.for_module("lm_head"))
         else:
             model.tie_weights()
     fuse_projections(model)

@@ -85,6 +85,17 @@ def test_keep_16bit_and_summary():
     assert s["bytes_after"] == 2 * (64 * 64 + 64 * 4 + 64 * 4)  # int8 + fp32 scales + fp32 bias
 
 
+@pytest.mark.parametrize("empty", [False, True])
+def test_keep_8bit_swaps_in_per_channel_int8(empty):
+    model = nn.Module()
+    model.layers = nn.ModuleList([nn.Linear(64, 64) for _ in range(2)])
+    model.lm_head = nn.Linear(64, 10, bias=False)
+    swap_linears(model, QuantConfig(4, 32, keep_8bit=("lm_head", "layers.1")), empty=empty)
+    head, first, second = model.lm_head, model.layers[0], model.layers[1]
+    assert (head.bits, head.group_size) == (8, None) and (second.bits, second.group_size) == (8, None)
+    assert (first.bits, first.group_size) == (4, 32)
+
+
 def test_state_dict_roundtrip_through_safetensors(tmp_path):
     src = nn.Sequential(nn.Linear(200, 96), nn.Linear(96, 32))
     cfg = QuantConfig(4, 64, symmetric=False)
