@@ -5,7 +5,8 @@ per tensor; inside a CUDA-graph decode step a host read breaks the capture, and 
 layer x 32 layers would cost ~1 ms per token. Here one program per (batch, KV head) reads the
 position on the device and writes exactly the bytes the torch path writes (same fp32 formulas,
 IEEE division, round-half-to-even, fp16 scales, an underflowed scale stored as exact zeros):
-- int8: codes + one fp16 scale per token for k and v;
+- int8: codes + one fp16 scale per token for k and v (value codes into their 64-position
+  transposed tile);
 - int4: the value row (nibbles, fp16 scale and integer zero per 32 channels); the 16-bit key
   into residual slot pos % 32, and when that slot is 31 the whole group, now complete, is
   quantized per channel from the window and written to k_packed / k_scale / k_zero.
@@ -34,8 +35,9 @@ if _missing is None:
         return tl.where(up, f + 1.0, f)
 
     @triton.jit
-    def _int8_row(x_ptr, q_ptr, s_ptr, D: tl.constexpr):
-        """Symmetric int8 of one (D,) row: q = rint(x / s), s = fp16(absmax / 127)."""
+    def _int8_row(x_ptr, q_ptr, s_ptr, D: tl.constexpr, CODE_STRIDE: tl.constexpr):
+        """Symmetric int8 of one (D,) row: q = rint(x / s), s = fp16(absmax / 127); code c is
+        stored at q_ptr + c * CODE_STRIDE."""
         offs = tl.arange(0, D)
         x = tl.load(x_ptr + offs).to(tl.float32)
         s = tl.math.div_rn(tl.max(tl.abs(x), axis=0), 127.0)
@@ -43,19 +45,22 @@ if _missing is None:
         dead = s16 == 0  # fp16 underflow: stored as scale 1, codes 0
         s32 = tl.where(dead, 1.0, s16.to(tl.float32))
         q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, s32)), -127.0), 127.0)
-        tl.store(q_ptr + offs, tl.where(dead, 0.0, q).to(tl.int8))
+        tl.store(q_ptr + offs * CODE_STRIDE, tl.where(dead, 0.0, q).to(tl.int8))
         tl.store(s_ptr, s32.to(tl.float16))
 
     @triton.jit
     def _int8_write_kernel(k_ptr, v_ptr, pos_ptr, kq_ptr, vq_ptr, ks_ptr, vs_ptr,
-                           stride_kb, stride_kh, stride_vb, stride_vh, S,
-                           HKV: tl.constexpr, D: tl.constexpr):
+                           stride_kb, stride_kh, stride_vb, stride_vh, S, stride_vqh,
+                           HKV: tl.constexpr, D: tl.constexpr, VT: tl.constexpr):
+        """Keys (B*Hkv, S, D); values (B*Hkv, S/VT, D, VT) with bh stride stride_vqh."""
         bh = tl.program_id(0)
         b = bh // HKV
         h = bh % HKV
-        row = bh.to(tl.int64) * S + tl.load(pos_ptr)  # (B*Hkv, S) index of the new token
-        _int8_row(k_ptr + b * stride_kb + h * stride_kh, kq_ptr + row * D, ks_ptr + row, D)
-        _int8_row(v_ptr + b * stride_vb + h * stride_vh, vq_ptr + row * D, vs_ptr + row, D)
+        pos = tl.load(pos_ptr)
+        row = bh.to(tl.int64) * S + pos  # (B*Hkv, S) index of the new token
+        vrow = bh.to(tl.int64) * stride_vqh + (pos // VT) * (VT * D) + pos % VT
+        _int8_row(k_ptr + b * stride_kb + h * stride_kh, kq_ptr + row * D, ks_ptr + row, D, 1)
+        _int8_row(v_ptr + b * stride_vb + h * stride_vh, vq_ptr + vrow, vs_ptr + row, D, VT)
 
     @triton.jit
     def _asym4(x, axis: tl.constexpr):
@@ -147,7 +152,7 @@ def decode_write(cache, layer: int, positions: torch.Tensor, k: torch.Tensor,
         _int8_write_kernel[grid](
             k, v, positions, cache.k[layer], cache.v[layer], cache.k_scale[layer],
             cache.v_scale[layer], k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            cache.max_seq, HKV=hkv, D=d, num_warps=1)
+            cache.max_seq, cache.v.stride(2), HKV=hkv, D=d, VT=cache.v.shape[-1], num_warps=1)
     elif isinstance(cache, Int4KVCache):
         kp, ks, kz = cache.k_packed[layer], cache.k_scale[layer], cache.k_zero[layer]
         kr, vp = cache.k_residual[layer], cache.v_packed[layer]

@@ -210,8 +210,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lowbit.engine.kernels import triton_decode_attention as A, triton_kv_update as U
+from lowbit.engine.kernels import triton_decode_int8 as I8
 
-def build(fn, pointers, consts):
+def build(fn, pointers, consts, num_warps=4):
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -220,18 +221,20 @@ def build(fn, pointers, consts):
             sig[name] = "*" + pointers.get(name, "bf16")
         else:
             sig[name] = "fp32" if name == "qk_scale" else "i32"
-    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32))
+    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": num_warps})
 
 ws = {"pos_ptr": "i64", "ws_ptr": "fp32", "ml_ptr": "fp32", "lock_ptr": "i32"}
-common = dict(HKV=8, G=4, G_PAD=16, D=128, SPLITS=64, MIN_BLOCKS=1, HAS_WINDOW=True, IEEE=False)
-build(A._decode_dense_int8_kernel, ws, dict(common, BLOCK_N=64, KIND=0))
-build(A._decode_dense_int8_kernel, dict(ws, k_ptr="i8", v_ptr="i8", ks_ptr="fp16", vs_ptr="fp16"),
-      dict(common, BLOCK_N=64, KIND=1))
+split = dict(HKV=8, G=4, G_ST=4, D=128, SPLITS=48, SPLITS_P2=64, CHUNK=8, HAS_WINDOW=True)
+build(A._decode_dense_kernel, ws, dict(split, G_PAD=16, BLOCK_N=64, IEEE=False))
+for warps, tw in ((4, 64), (2, 32)):
+    build(I8.decode_int8_kernel, dict(ws, k_ptr="i8", v_ptr="i8", ks_ptr="fp16", vs_ptr="fp16"),
+          dict(split, G_PAD=4, TW=tw, W=warps, VT=64, F16=True, ASM=True), num_warps=warps)
 build(A._decode_int4_kernel, dict(ws, kp_ptr="u8", ks_ptr="fp16", kz_ptr="u8", vp_ptr="u8",
                                   vs_ptr="fp16", vz_ptr="u8"),
-      dict(common, HALF=64, GV=4, VALUE_GROUP=32, BLOCK_N=32))
+      dict(split, G_PAD=16, HALF=64, GV=4, VALUE_GROUP=32, BLOCK_N=32, IEEE=False))
 build(U._int8_write_kernel, {"pos_ptr": "i64", "kq_ptr": "i8", "vq_ptr": "i8", "ks_ptr": "fp16",
-                             "vs_ptr": "fp16"}, dict(HKV=8, D=128))
+                             "vs_ptr": "fp16"}, dict(HKV=8, D=128, VT=64))
 build(U._int4_write_kernel, {"pos_ptr": "i64", "kp_ptr": "u8", "ks_ptr": "fp16", "kz_ptr": "u8",
                              "vp_ptr": "u8", "vs_ptr": "fp16", "vz_ptr": "u8"},
       dict(HKV=8, D=128, GV=4))
