@@ -1,5 +1,6 @@
 """`lowbit compare`: what each weight/KV quantization costs in accuracy and buys in bytes and
-speed, against the 16-bit model on the same text. Table on stdout, progress on stderr."""
+speed, against the 16-bit model on the same text; quantized here (--weights) or read from lowbit
+checkpoints (--checkpoint). Table on stdout, progress on stderr."""
 from __future__ import annotations
 
 import json
@@ -19,6 +20,8 @@ WEIGHT_EXAMPLES = ("16, int8, int8-g128, int4, int4-g64, int4-g32, int4-g128-sym
                    "bnb-nf4, bnb-fp4, bnb-int8 (bitsandbytes)")
 KV_CHOICES = (16, 8, 4)
 DEFAULT_INT4_GROUP = 128
+DEFAULT_WEIGHTS = "16,int8,int4"
+OVERLAP_MARK = "*"
 
 
 def split_list(values: tuple[str, ...]) -> list[str]:
@@ -60,9 +63,11 @@ def parse_kv(spec: str) -> int:
 
 
 def parse_variants(weights: tuple[str, ...], kv: tuple[str, ...], group_size: int | None,
-                   keep_16bit: tuple[str, ...] = ()):
-    """Every (weights, KV) pair of the two lists, except the 16/16 reference."""
-    from lowbit.engine.compare import REFERENCE, Variant
+                   keep_16bit: tuple[str, ...] = (), checkpoints: tuple[str, ...] = ()):
+    """Every (weights, KV) pair of the two lists, except the 16/16 reference, then every
+    (checkpoint, KV) pair. Checkpoints are validated here (engine.compare.checkpoint_variants
+    raises the user errors that name a bad one)."""
+    from lowbit.engine.compare import REFERENCE, Variant, checkpoint_variants
 
     quants = [parse_weights(s, group_size, keep_16bit) for s in split_list(weights)]
     kv_bits = [parse_kv(s) for s in split_list(kv)]
@@ -70,9 +75,11 @@ def parse_variants(weights: tuple[str, ...], kv: tuple[str, ...], group_size: in
         raise click.ClickException("--weights and --kv each need at least one value")
     variants = list(dict.fromkeys(Variant(q, b) for q in quants for b in kv_bits))
     variants = [v for v in variants if v != REFERENCE]
+    variants += checkpoint_variants(list(checkpoints), kv_bits)
     if not variants:
         raise click.ClickException("nothing to compare: every variant is the 16-bit reference; "
-                                   "add e.g. --weights 16,int8,int4 or --kv 16,8,4")
+                                   "add e.g. --weights 16,int8,int4, --kv 16,8,4 or "
+                                   "--checkpoint CKPT")
     return variants
 
 
@@ -81,12 +88,14 @@ def _fmt(x, spec: str) -> str:
 
 
 def format_table(comparison) -> str:
-    """One aligned table, the reference row first."""
+    """One aligned table, the reference row first; a checkpoint whose calibration may overlap
+    the evaluated text is marked, and why is said under the table."""
     headers = ["variant", "ppl", "Δppl %", "KL", "top-1 %", "bits/w", "weights", "KV/token",
                "prefill tok/s", "decode tok/s", "peak mem"]
     lines = []
     for row in [comparison.reference, *comparison.variants]:
         name = row.variant.name + (" (reference)" if row is comparison.reference else "")
+        name += f" {OVERLAP_MARK}" if row.calibration_overlap else ""
         lines.append([name, _fmt(row.ppl, ".3f"), _fmt(row.ppl_delta_pct, "+.2f"),
                       _fmt(row.kl_mean, ".3g"), _fmt(row.top1_agreement, ".2f"),
                       _fmt(row.bits_per_weight, ".2f"), human_bytes(row.weight_bytes),
@@ -98,7 +107,9 @@ def format_table(comparison) -> str:
     def render(cells):
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    return "\n".join([render(headers), *map(render, lines)])
+    notes = [f"{OVERLAP_MARK} {row.variant.name}: {row.calibration_overlap}"
+             for row in comparison.variants if row.calibration_overlap]
+    return "\n".join([render(headers), *map(render, lines), *notes])
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -127,15 +138,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 @click.command()
 @click.argument("model", required=False)
-@click.option("--weights", "weights", multiple=True, default=("16,int8,int4",), show_default=True,
-              help=f"weight settings, comma-separated or repeated: {WEIGHT_EXAMPLES}")
+@click.option("--weights", "weights", multiple=True, default=None,
+              help=f"weight settings quantized here (round to nearest), comma-separated or "
+                   f"repeated: {WEIGHT_EXAMPLES} [default: {DEFAULT_WEIGHTS}; with --checkpoint: "
+                   f"16]")
+@click.option("--checkpoint", "checkpoints", multiple=True, metavar="CKPT",
+              help="also compare this lowbit checkpoint (from `lowbit convert`, any --method) "
+                   "converted from MODEL; repeatable")
+@click.option("--allow-other-source", is_flag=True,
+              help="compare checkpoints converted from another model than MODEL (e.g. a copy "
+                   "at another path) against MODEL anyway; the architecture must match")
 @click.option("--kv", "kv", multiple=True, default=("16",), show_default=True,
-              help="KV-cache bits, comma-separated or repeated: 16, 8, 4")
+              help="KV-cache bits, comma-separated or repeated: 16, 8, 4; they apply to "
+                   "checkpoints too (not the KV bits a checkpoint records)")
 @click.option("--group-size", type=int, default=None,
               help="group size where a --weights spec names none [int8: per channel; int4: 128]")
 @click.option("--keep-16bit", "keep_16bit", multiple=True, metavar="PATTERN",
-              help="keep modules matching PATTERN 16-bit in every quantized variant (a prefix or "
-                   "glob, e.g. lm_head; repeatable); the embeddings always are")
+              help="keep modules matching PATTERN 16-bit in every --weights variant (a prefix "
+                   "or glob, e.g. lm_head; repeatable); the embeddings always are")
 @click.option("--text", "text_path", default=None, metavar="FILE",
               help="UTF-8 text to evaluate on [default: the ABC news corpus lee_background.cor "
                    "from gensim]")
@@ -151,15 +171,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
               help="also draw a roofline chart and per-variant bars to PATH (.png, .svg or "
                    ".pdf); needs pip install 'lowbit[plot]'")
 @device_options
-def compare(model, weights, kv, group_size, keep_16bit, text_path, n_windows, window_len,
-            gen_tokens, json_path, plot_path, device, dtype):
+def compare(model, weights, checkpoints, allow_other_source, kv, group_size, keep_16bit,
+            text_path, n_windows, window_len, gen_tokens, json_path, plot_path, device, dtype):
     """Compare quantized variants of MODEL with its 16-bit self: perplexity, KL divergence and
     top-1 agreement on the same text windows, bits per weight, bytes, speed and peak memory.
 
     Variants are every (--weights, --kv) pair but the 16/16 reference, e.g.
-    `--weights 16,int8,int4 --kv 16,8` gives 5. MODEL is an HF directory or a GGUF file
-    [default: the embedded SmolLM2-135M-Instruct, whose 16-bit weights are its Q4_1 GGUF
-    dequantized].
+    `--weights 16,int8,int4 --kv 16,8` gives 5, then every (--checkpoint, --kv) pair. MODEL is
+    an HF directory or a GGUF file [default: the embedded SmolLM2-135M-Instruct, whose 16-bit
+    weights are its Q4_1 GGUF dequantized]. A checkpoint must have been converted from MODEL;
+    one whose calibration text may overlap the evaluated windows is marked with *.
     """
     from lowbit.engine.compare import compare as run_compare
     from lowbit.engine.device_limits import get_limits
@@ -168,11 +189,13 @@ def compare(model, weights, kv, group_size, keep_16bit, text_path, n_windows, wi
     from lowbit.engine.profile import format_phase_table
     from lowbit.quant.text import default_text_path, read_text
 
-    variants = parse_variants(weights, kv, group_size, keep_16bit)
+    if not weights:
+        weights = ("16",) if checkpoints else (DEFAULT_WEIGHTS,)
     if json_path and not Path(json_path).resolve().parent.is_dir():
         raise click.ClickException(f"--json {json_path}: the folder does not exist")
     log = lambda message: click.echo(message, err=True)  # noqa: E731
     try:
+        variants = parse_variants(weights, kv, group_size, keep_16bit, checkpoints)
         if plot_path:  # refuse before the long run, not after it
             check_plot_path(Path(plot_path))
             require_matplotlib()
@@ -181,7 +204,8 @@ def compare(model, weights, kv, group_size, keep_16bit, text_path, n_windows, wi
         limits = get_limits(resolve_device(device), announce=log)
         result = run_compare(model, text, variants, text_label=str(path), device=device,
                              dtype=dtype, n_windows=n_windows, window_len=window_len,
-                             gen_tokens=gen_tokens, log=log, limits=limits)
+                             gen_tokens=gen_tokens, log=log, limits=limits,
+                             allow_other_source=allow_other_source)
     except _user_errors() as e:
         raise click.ClickException(str(e)) from None
     w = result.windows

@@ -1,5 +1,8 @@
 """Run a 16-bit reference and quantized variants on the same text and collect, per variant,
 accuracy (perplexity, KL, top-1 against the reference) and cost (bits, bytes, speed, memory).
+A variant's weights are either quantized here from the reference (round to nearest) or read
+from a lowbit checkpoint converted from it (any method, calibrated ones included; see
+compare_checkpoints.py for how the source is checked and calibration overlap flagged).
 
 Every distinct weight setting is loaded once and stays loaded (a KV setting needs no model of its
 own). Accuracy then runs window by window: the reference's forward runs once per window and every
@@ -26,6 +29,8 @@ from typing import Callable
 
 import torch
 
+from lowbit.engine.compare_checkpoints import (calibration_overlap, check_source,
+                                               open_checkpoint)
 from lowbit.engine.evaluate import (EvaluationError, Tally, Windows, bits_per_weight,
                                     check_window_fits, next_token_log_probs, split_windows)
 from lowbit.engine.device_limits import DeviceLimits
@@ -33,7 +38,7 @@ from lowbit.engine.generate import Generation
 from lowbit.engine.load import LoadedModel, load_model
 from lowbit.engine.profile import generation_phase_report
 from lowbit.quant.config import DEFAULT_KEEP_16BIT, QuantConfig
-from lowbit.quant.sources import is_lowbit_checkpoint
+from lowbit.quant.sources import is_lowbit_checkpoint, open_source
 
 PROMPT_TOKENS = 128  # the speed prompt: the text's first tokens
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -41,18 +46,31 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 @dataclass(frozen=True)
 class Variant:
-    """One (weights, KV) setting. quant None = the weights as stored (16-bit)."""
+    """One (weights, KV) setting. quant None = the weights as stored (16-bit). With
+    `checkpoint`, the weights are that lowbit checkpoint's and `quant` is its QuantConfig (as
+    lowbit.json records it, calibration included); else `quant` is applied here."""
 
     quant: QuantConfig | None
     kv_bits: int = 16
+    checkpoint: str | None = None
 
     @property
     def weights(self) -> str:
-        """The quant name, plus the modules kept 16-bit beyond the default (embeddings)."""
+        """The quant name, plus the modules kept 16-bit beyond the default (embeddings); for a
+        checkpoint, its directory name first and its method last."""
         if self.quant is None:
             return "16"
         extra = [p for p in self.quant.keep_16bit if p not in DEFAULT_KEEP_16BIT]
-        return self.quant.name + (f" keep:{','.join(extra)}" if extra else "")
+        name = self.quant.name + (f" keep:{','.join(extra)}" if extra else "")
+        if self.checkpoint is None:
+            return name
+        method = "" if self.quant.method == self.quant.name else f" {self.quant.method}"  # bnb-*
+        return f"{Path(self.checkpoint).name}: {name}{method}"
+
+    @property
+    def weights_id(self) -> tuple:
+        """What loading these weights depends on: variants equal here share one model."""
+        return self.quant, self.checkpoint
 
     @property
     def name(self) -> str:
@@ -60,6 +78,16 @@ class Variant:
 
 
 REFERENCE = Variant(None, 16)
+
+
+def checkpoint_variants(paths: list[str], kv_bits: list[int]) -> list[Variant]:
+    """One variant per (checkpoint, KV bits), in the order given; each checkpoint is validated
+    here, before any model loads (EvaluationError / CheckpointError name the bad one)."""
+    variants = []
+    for path in dict.fromkeys(paths):
+        ckpt = open_checkpoint(path)
+        variants += [Variant(ckpt.quant, bits, str(ckpt.path)) for bits in kv_bits]
+    return variants
 
 
 @dataclass
@@ -79,6 +107,7 @@ class Row:
     peak_mem_bytes: int | None = None  # None where the platform has no resettable peak
     phases: dict | None = None  # profile.phase_report of the speed run (None: no device limits)
     speed_dtype: str = ""  # the dtype the speed run used (the device's fastest for these weights)
+    calibration_overlap: str | None = None  # why a checkpoint's calibration may flatter it
 
     def to_dict(self) -> dict:
         return {"name": self.variant.name, "weights": self.variant.weights,
@@ -88,7 +117,9 @@ class Row:
                 "kv_bytes_per_token": self.kv_bytes_per_token,
                 "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
                 "peak_mem_bytes": self.peak_mem_bytes, "phases": self.phases,
-                "speed_dtype": self.speed_dtype}
+                "speed_dtype": self.speed_dtype, "checkpoint": self.variant.checkpoint,
+                "method": None if self.variant.quant is None else self.variant.quant.method,
+                "calibration_overlap": self.calibration_overlap}
 
 
 @dataclass
@@ -186,18 +217,18 @@ def measure_speed(loaded: LoadedModel, variant: Variant, prompt: list[int], gen_
         row.phases = generation_phase_report(loaded.model, st, limits, variant.weights)
 
 
-def measure_accuracy(models: dict[str, LoadedModel], variants: list[Variant], windows: Windows,
+def measure_accuracy(models: dict[tuple, LoadedModel], variants: list[Variant], windows: Windows,
                      rows: dict[Variant, Row], log: Callable[[str], None]) -> None:
     """Fill ppl, Δppl, KL and top-1 of `rows`, the reference's row included."""
     tallies = {v: Tally() for v in [REFERENCE, *variants]}
-    ref_model = models[REFERENCE.weights].model
+    ref_model = models[REFERENCE.weights_id].model
     for i, window in enumerate(windows.tokens):
         t0 = time.perf_counter()
         targets = window[1:]
         ref = next_token_log_probs(ref_model, window, REFERENCE.kv_bits)  # (L - 1, V)
         tallies[REFERENCE].add(ref, ref, targets)
         for v in variants:
-            other = next_token_log_probs(models[v.weights].model, window, v.kv_bits)
+            other = next_token_log_probs(models[v.weights_id].model, window, v.kv_bits)
             tallies[v].add(ref, other, targets)
             del other
         log(f"accuracy: window {i + 1}/{len(windows)} (reference + {len(variants)} variants) "
@@ -205,8 +236,16 @@ def measure_accuracy(models: dict[str, LoadedModel], variants: list[Variant], wi
     ref_ppl = tallies[REFERENCE].perplexity
     for v, tally in tallies.items():
         row = rows[v]
-        row.ppl, row.kl_mean, row.top1_agreement = tally.perplexity, tally.kl_mean, tally.top1_agreement
+        row.ppl, row.kl_mean = tally.perplexity, tally.kl_mean
+        row.top1_agreement = tally.top1_agreement
         row.ppl_delta_pct = 100.0 * (tally.perplexity / ref_ppl - 1.0)
+
+
+def load_variant(path, variant: Variant, device: str, dtype: str) -> LoadedModel:
+    """`variant`'s weights: its checkpoint, or the model at `path` quantized as it says."""
+    if variant.checkpoint is not None:
+        return load_model(variant.checkpoint, device=device, dtype=dtype)
+    return load_model(path, device=device, dtype=dtype, quant=variant.quant)
 
 
 def speed_model(path, accuracy_model: LoadedModel, variant: Variant, dtype: str,
@@ -217,7 +256,7 @@ def speed_model(path, accuracy_model: LoadedModel, variant: Variant, dtype: str,
     which case the variant is loaded once more in that dtype."""
     if dtype != "auto" or variant.quant is None:
         return accuracy_model
-    fast = load_model(path, device=str(accuracy_model.device), dtype="auto", quant=variant.quant)
+    fast = load_variant(path, variant, str(accuracy_model.device), "auto")
     if fast.dtype == accuracy_model.dtype:
         return accuracy_model
     log(f"speed of {variant.weights} measured in {DTYPE_NAMES[fast.dtype]} (its fastest dtype "
@@ -225,16 +264,36 @@ def speed_model(path, accuracy_model: LoadedModel, variant: Variant, dtype: str,
     return fast
 
 
+def check_checkpoint_sources(path, variants: list[Variant], allow_other_source: bool,
+                             log: Callable[[str], None]) -> None:
+    """Every checkpoint variant was converted from the model at `path` (see
+    compare_checkpoints.check_source); reopening each reads only its JSON and header."""
+    paths = list(dict.fromkeys(v.checkpoint for v in variants if v.checkpoint is not None))
+    if not paths:
+        return
+    source = open_source(path)
+    for ckpt_path in paths:
+        ckpt = open_checkpoint(ckpt_path)
+        if check_source(ckpt, source, allow_other_source):
+            log(f"{ckpt.path} was converted from {ckpt.source.get('path')}; compared with "
+                f"{source.path} as asked (--allow-other-source)")
+        if ckpt.quant.kv_bits != 16:
+            log(f"{ckpt.path} records a {ckpt.quant.kv_bits}-bit KV cache as its default; "
+                f"compare uses the --kv settings instead")
+
+
 def compare(path, text: str, variants: list[Variant], *, text_label: str, device: str = "auto",
             dtype: str = "auto", n_windows: int = 8, window_len: int = 1024, gen_tokens: int = 32,
-            log: Callable[[str], None] = lambda _: None,
-            limits: DeviceLimits | None = None) -> Comparison:
+            log: Callable[[str], None] = lambda _: None, limits: DeviceLimits | None = None,
+            allow_other_source: bool = False) -> Comparison:
     """The reference (16-bit weights as stored, 16-bit KV) and each variant on the same windows
-    of `text`; `variants` must not contain the reference. With the device's `limits`, every
-    row carries its per-phase roofline diagnosis."""
+    of `text`; `variants` must not contain the reference. Checkpoint variants must come from
+    the model at `path` unless `allow_other_source`. With the device's `limits`, every row
+    carries its per-phase roofline diagnosis."""
     if path is not None and is_lowbit_checkpoint(Path(path)):
         raise EvaluationError(f"{path} is a lowbit checkpoint: compare needs the 16-bit model it "
                               f"came from (an HF directory or a GGUF file) as the reference")
+    check_checkpoint_sources(path, variants, allow_other_source, log)
     reference = load_model(path, device=device, dtype=dtype)
     cfg = reference.config
     check_window_fits(window_len, cfg.max_position_embeddings)
@@ -246,17 +305,23 @@ def compare(path, text: str, variants: list[Variant], *, text_label: str, device
     prompt = ids[:min(PROMPT_TOKENS, cfg.max_position_embeddings - gen_tokens)]
     dev, dt = str(reference.device), DTYPE_NAMES[reference.dtype]
 
-    models = {REFERENCE.weights: reference}
+    models = {REFERENCE.weights_id: reference}
     for v in variants:
-        if v.weights not in models:
+        if v.weights_id not in models:
             log(f"loading {v.weights}")
-            models[v.weights] = load_model(path, device=dev, dtype=dt, quant=v.quant)
+            models[v.weights_id] = load_variant(path, v, dev, dt)
     rows = {v: Row(v) for v in [REFERENCE, *variants]}
-    speed_models: dict[str, LoadedModel] = {}
+    for v in variants:
+        if v.checkpoint is not None:
+            note = calibration_overlap(v.quant, text, windows.tokens.numel())
+            rows[v].calibration_overlap = note
+            if note:
+                log(f"{v.name}: {note}")
+    speed_models: dict[tuple, LoadedModel] = {}
     for v in [REFERENCE, *variants]:
-        if v.weights not in speed_models:
-            speed_models[v.weights] = speed_model(path, models[v.weights], v, dtype, log)
-        measure_speed(speed_models[v.weights], v, prompt, gen_tokens, rows[v], limits)
+        if v.weights_id not in speed_models:
+            speed_models[v.weights_id] = speed_model(path, models[v.weights_id], v, dtype, log)
+        measure_speed(speed_models[v.weights_id], v, prompt, gen_tokens, rows[v], limits)
         r = rows[v]
         log(f"speed {v.name} ({r.speed_dtype}): prefill {r.prefill_tok_s:.1f} tok/s, decode "
             f"{r.decode_tok_s:.1f} tok/s")

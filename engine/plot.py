@@ -6,7 +6,8 @@ it. Drawn with the object-oriented API on an Agg canvas (no pyplot, no global ba
 Input is the JSON dict `lowbit compare --json` writes: {"reference": row, "variants": [row, ...],
 "model", "device", "dtype", ...}, a row holding "name", "decode_tok_s", "ppl_delta_pct",
 "kl_mean" and, for the roofline, "phases": a profile.phase_report dict (device limits, and
-per phase its arithmetic intensity and achieved FLOP/s).
+per phase its arithmetic intensity and achieved FLOP/s). A row whose "calibration_overlap" is set
+(a checkpoint calibrated on text that may overlap the evaluation) is labelled with a "*".
 """
 from __future__ import annotations
 
@@ -47,6 +48,10 @@ def _rows(comparison: dict) -> list[dict]:
     except (KeyError, TypeError):
         raise PlotError("not a comparison: expected the dict of `lowbit compare --json` with "
                         "'reference' and 'variants'") from None
+
+
+def _label(row: dict) -> str:
+    return row["name"] + (" *" if row.get("calibration_overlap") else "")
 
 
 def _limits(rows: list[dict]) -> dict | None:
@@ -94,7 +99,7 @@ def _roofline(ax, rows: list[dict], colors: list) -> None:
             if p.get("verdict"):
                 ax.scatter(p["intensity"], p["flops_per_s"], marker=marker, color=color, s=55,
                            zorder=3, edgecolors="black", linewidths=0.5)
-        ax.scatter([], [], marker="o", color=color, label=row["name"])
+        ax.scatter([], [], marker="o", color=color, label=_label(row))
     for phase, marker in PHASE_MARKERS.items():
         ax.scatter([], [], marker=marker, color="white", edgecolors="black", label=phase)
     ax.set_xscale("log")
@@ -110,7 +115,7 @@ def _roofline(ax, rows: list[dict], colors: list) -> None:
 
 
 def _bars(ax, rows, colors, key: str, title: str, fmt: str) -> None:
-    names = [row["name"] for row in rows]
+    names = [_label(row) for row in rows]
     values = [row.get(key) for row in rows]
     heights = [0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else v
                for v in values]

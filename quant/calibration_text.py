@@ -179,10 +179,15 @@ def overlapping_evaluation(record: dict, eval_text_sha256: str, eval_tokens: int
     if not text:
         return None  # no calibration text: nothing could overlap
     disjoint = text.get("disjoint_from", {})
-    if disjoint.get("sha256") == eval_text_sha256 and disjoint.get("tokens", 0) >= eval_tokens:
-        return None
-    if eval_text_sha256 not in (text.get("sha256"), disjoint.get("sha256")):
-        return ("calibrated on another text than this evaluation; lowbit cannot tell whether "
-                "they overlap")
-    return (f"calibration was kept off only the first {disjoint.get('tokens', 0)} tokens of this "
-            f"text, but {eval_tokens} are evaluated: the later windows may overlap calibration")
+    if disjoint.get("sha256") == eval_text_sha256:
+        if disjoint.get("tokens", 0) >= eval_tokens:
+            return None
+        return (f"calibration was kept off only the first {disjoint.get('tokens', 0)} tokens of "
+                f"this text, but {eval_tokens} are evaluated: the later windows may overlap "
+                f"calibration")
+    if text.get("sha256") == eval_text_sha256:
+        return (f"calibrated on this very text (kept off the evaluation windows of "
+                f"{disjoint.get('file', 'another text')} only): the evaluated windows may be "
+                f"calibration text")
+    return ("calibrated on another text than this evaluation; lowbit cannot tell whether "
+            "they overlap")
