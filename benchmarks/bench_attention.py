@@ -12,8 +12,9 @@ the int4 residual window), so GB/s compares directly with the device copy bandwi
 
 Baseline "sdpa-bf16": torch SDPA over the filled K/V only (length known on the host, the GQA
 group folded into query rows so each K/V byte is read once; flash attention on H100).
-"--sweep" also times launch variants of the lowbit kernels at --sweep-context (default 32k);
-sweep rows carry "config".
+"--sweep" also times the launch variants in SWEEP (splits, warps, positions per warp or block,
+pipeline stages) at --sweep-context (default 32k) and prints each as it is measured; sweep rows
+carry "config" (decode_attention's keyword arguments). ~25 variants, under a minute on an H100.
 """
 from __future__ import annotations
 
@@ -127,27 +128,45 @@ def main():
                        ["method", "context", "us", "GBps", "frac_copy", "kv_MB_per_layer"]))
     sweep_rows = [r for r in rows if "config" in r]
     if sweep_rows:
-        print(format_table(sweep_rows, ["method", "config", "us", "GBps", "frac_copy"]))
+        print(format_table(sweep_rows, ["method", "config", "us", "GBps", "frac_copy",
+                                        "rel_err_vs_default"]))
     print(f"limits {limits}; wrote {path}")
 
 
+SWEEP = {
+    "bf16": [dict(splits=s) for s in (32, 64, 128)]
+    + [dict(block_n=32), dict(block_n=128), dict(num_warps=8)],
+    # warp_tokens x num_warps positions an iteration; splits default to 2 programs per SM
+    "int8": [dict(num_warps=w, warp_tokens=t) for w, t in ((4, 32), (4, 64), (2, 64), (2, 32),
+                                                          (8, 32))]
+    + [dict(num_warps=4, warp_tokens=32, splits=s) for s in (16, 64, 128)]
+    + [dict(num_warps=2, warp_tokens=64, num_stages=3)],
+    "int4": [dict(splits=s) for s in (32, 64, 128)] + [dict(num_warps=8)],
+}
+
+
 def sweep(cache, n, layers, q, kv, nbytes, limits) -> list[dict]:
-    if kv == "int4":  # blocks are the 32-token key groups
-        variants = [dict(splits=s, num_warps=w) for s in (32, 64, 128) for w in (4, 8)]
-    else:
-        variants = [dict(splits=64, num_warps=w, block_n=b) for w in (4, 8) for b in (32, 64, 128)]
-        variants += [dict(splits=s, num_warps=4, block_n=64) for s in (32, 128)]
+    """Each variant timed, and its output on layer 0 compared with the default launch's (a fast
+    variant that computes something else must not be picked)."""
+    pos = torch.tensor([n - 1], device=DEVICE)
+    want = decode_attention(q, cache, 0, pos).double()
     out = []
-    for launch in variants:
+    for launch in SWEEP[kv]:
         try:
+            got = decode_attention(q, cache, 0, pos, **launch).double()
             us = time_lowbit(cache, n, layers, q, **launch)
         except Exception as e:  # a variant that fails to compile is reported, not fatal
             print(f"sweep {kv} {launch}: {type(e).__name__}: {str(e)[:200]}")
             continue
-        out.append({"bench": "attention-sweep", "method": f"lowbit-{kv}", "kv": kv,
-                    "context": n, "config": " ".join(f"{k}={v}" for k, v in launch.items()),
-                    "us": round(us, 2), "GBps": round(nbytes / us / 1e3, 1),
-                    "frac_copy": round(nbytes / us / 1e3 / limits["copy_GBps"], 3)})
+        err = ((got - want).norm() / want.norm()).item()
+        row = {"bench": "attention-sweep", "method": f"lowbit-{kv}", "kv": kv,
+               "context": n, "config": " ".join(f"{k}={v}" for k, v in launch.items()),
+               "us": round(us, 2), "GBps": round(nbytes / us / 1e3, 1),
+               "frac_copy": round(nbytes / us / 1e3 / limits["copy_GBps"], 3),
+               "rel_err_vs_default": float(f"{err:.2e}")}
+        print(f"sweep {kv:5s} {row['config']:42s} {row['us']:8.2f} us {row['GBps']:8.1f} GB/s "
+              f"{row['frac_copy']:.3f} of copy, rel err vs default {err:.1e}", flush=True)
+        out.append(row)
     return out
 
 

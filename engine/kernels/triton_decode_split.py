@@ -104,7 +104,7 @@ def finish(acc, m, l, bh, sp, nsplit, out_ptr, stride_ob, stride_oh, ws_ptr, ml_
         tl.atomic_xchg(lock_ptr + bh, 0)
         b = bh // HKV
         h = bh % HKV
-        out = total / l_all[:, None]
+        out = total / tl.where(l_all > 0, l_all, 1.0)[:, None]  # rows >= G: 0, not NaN
         ptrs = out_ptr + b * stride_ob + (h * G + offs_r)[:, None] * stride_oh + offs_d[None, :]
         tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=offs_r[:, None] < G)
 
