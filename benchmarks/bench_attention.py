@@ -29,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import format_table, graph_bench_us, measure_limits, write_results  # noqa: E402
 
+from lowbit.engine.kernels.attention_reference import grouped_attention  # noqa: E402
 from lowbit.engine.kernels.triton_decode_attention import decode_attention  # noqa: E402
 from lowbit.engine.kv_cache import create_cache  # noqa: E402
 from lowbit.engine.model_configs import named_config  # noqa: E402
@@ -65,6 +66,22 @@ def make_cache(bits: int, cfg, n: int, layers: int):
     cache = create_cache(bits, small, 1, n, DTYPE, DEVICE)
     fill_random(cache)
     return cache
+
+
+def reference_output(cache, n: int, q) -> torch.Tensor | None:
+    """Layer 0's attention of q at position n - 1 in fp64 from the cache's dequantized K/V (None
+    for int4, whose newest key group lives in a 16-bit window the plain read does not give)."""
+    if not hasattr(cache, "read"):
+        return None
+    k, v = (t.double() for t in cache.read(0, n))  # (B, Hkv, n, D)
+    return grouped_attention(q.double(), k, v, None)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor | None) -> float | None:
+    if want is None:
+        return None
+    got = got.double()
+    return float(f"{((got - want).norm() / want.norm()).item():.2e}")
 
 
 def time_lowbit(cache, n: int, layers: int, q, **launch) -> float:
@@ -108,28 +125,33 @@ def main():
             layers = max(1, min(32, math.ceil(L2_SPAN / per_layer_16 * (16 / bits))))
             cache = make_cache(bits, cfg, n, layers)
             nbytes = kv_bytes_per_layer(cache, n)
-            timings = [("lowbit", time_lowbit(cache, n, layers, q))]
+            ref = reference_output(cache, n, q)
+            pos = torch.tensor([n - 1], device=DEVICE)
+            timings = [("lowbit", time_lowbit(cache, n, layers, q),
+                        rel_err(decode_attention(q, cache, 0, pos), ref))]
             if bits == 16:
-                timings.append(("sdpa", time_sdpa(cache, n, layers, q)))
-            for method, us in timings:
+                timings.append(("sdpa", time_sdpa(cache, n, layers, q), None))
+            for method, us, err in timings:
                 rows.append({"bench": "attention", "method": f"{method}-{kv}", "kv": kv,
                              "context": n, "us": round(us, 2),
                              "GBps": round(nbytes / us / 1e3, 1),
                              "frac_copy": round(nbytes / us / 1e3 / limits["copy_GBps"], 3),
-                             "kv_MB_per_layer": round(nbytes / 1e6, 2), "layers_timed": layers})
+                             "kv_MB_per_layer": round(nbytes / 1e6, 2), "layers_timed": layers,
+                             "rel_err_vs_ref": err})
             if args.sweep and n == args.sweep_context:
-                rows += sweep(cache, n, layers, q, kv, nbytes, limits)
+                rows += sweep(cache, n, layers, q, kv, nbytes, limits, ref)
             del cache
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
     path = write_results("attention", rows, limits, args.out,
                          shape="llama-3-8b: 32 q heads, 8 kv heads, head_dim 128, batch 1")
     print(format_table([r for r in rows if "config" not in r],
-                       ["method", "context", "us", "GBps", "frac_copy", "kv_MB_per_layer"]))
+                       ["method", "context", "us", "GBps", "frac_copy", "kv_MB_per_layer",
+                        "rel_err_vs_ref"]))
     sweep_rows = [r for r in rows if "config" in r]
     if sweep_rows:
         print(format_table(sweep_rows, ["method", "config", "us", "GBps", "frac_copy",
-                                        "rel_err_vs_default"]))
+                                        "rel_err_vs_default", "rel_err_vs_ref"]))
     print(f"limits {limits}; wrote {path}")
 
 
@@ -145,9 +167,10 @@ SWEEP = {
 }
 
 
-def sweep(cache, n, layers, q, kv, nbytes, limits) -> list[dict]:
-    """Each variant timed, and its output on layer 0 compared with the default launch's (a fast
-    variant that computes something else must not be picked)."""
+def sweep(cache, n, layers, q, kv, nbytes, limits, ref) -> list[dict]:
+    """Each variant timed, and its output on layer 0 compared with the default launch's and
+    with the fp64 reference where there is one (a fast variant that computes something else
+    must not be picked)."""
     pos = torch.tensor([n - 1], device=DEVICE)
     want = decode_attention(q, cache, 0, pos).double()
     out = []
@@ -163,7 +186,7 @@ def sweep(cache, n, layers, q, kv, nbytes, limits) -> list[dict]:
                "context": n, "config": " ".join(f"{k}={v}" for k, v in launch.items()),
                "us": round(us, 2), "GBps": round(nbytes / us / 1e3, 1),
                "frac_copy": round(nbytes / us / 1e3 / limits["copy_GBps"], 3),
-               "rel_err_vs_default": float(f"{err:.2e}")}
+               "rel_err_vs_default": float(f"{err:.2e}"), "rel_err_vs_ref": rel_err(got, ref)}
         print(f"sweep {kv:5s} {row['config']:42s} {row['us']:8.2f} us {row['GBps']:8.1f} GB/s "
               f"{row['frac_copy']:.3f} of copy, rel err vs default {err:.1e}", flush=True)
         out.append(row)
