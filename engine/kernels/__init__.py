@@ -4,7 +4,8 @@ Importing this package registers every backend (torch reference, CPU packed ops,
 `dispatch(op, ...)` to run an op on the best backend for its arguments.
 """
 from . import (attention_backend, attention_quantized_reference, attention_reference,  # noqa: F401
-               cpu_packed, reference, triton_backend)  # (importing registers the backends)
+               cpu_packed, elementwise_backend, elementwise_reference, reference,
+               triton_backend)  # (importing registers the backends)
 from .registry import (BackendUnavailable, backends, chosen, dispatch, force_backend, register,
                        use_backend)
 
