@@ -3,6 +3,11 @@
 The model knows nothing of quantization: QuantizedLinear is swapped in for nn.Linear at load time,
 and the KV cache (16-bit or quantized) is passed in. Module names equal the HF checkpoint's
 (`model.layers.0.self_attn.q_proj`), so state_dict keys are the safetensors names.
+
+The elementwise work runs through registry ops (rms_norm, add_rms_norm, rotary, silu_mul): the
+torch reference on CPU, one fused Triton launch each on CUDA. Each residual add is fused into
+the norm after it; after the MLP that norm is the next layer's (or the final one), so a layer
+returns the pair (residual, delta) whose sum is its output (DecoderLayer.forward_pair).
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.engine.kernels import registry
-from lowbit.engine.rope import Rotary, apply_rotary
+from lowbit.engine.rope import Rotary
 from lowbit.quant.architecture import ModelConfig
 
 
@@ -22,11 +27,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 statistics whatever the activation dtype: a 16-bit mean of squares over 4096
-        # channels loses ~3 significant bits.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return registry.dispatch("rms_norm", x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None):
+        """(x + delta, norm(x + delta)) in one op; delta None: (x, norm(x))."""
+        if delta is None:
+            return x, self(x)
+        return registry.dispatch("add_rms_norm", x, delta, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -49,10 +56,8 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, positions, cache, kv_len):
         b, t, _ = x.shape
         q, k, v = self.project(x)
-        q = q.reshape(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.reshape(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.reshape(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = registry.dispatch("rotary", q, k, cos, sin)  # (B, H, T, D), (B, Hkv, T, D)
+        v = v.reshape(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         cache.update(self.layer_idx, positions, k, v)
         out = registry.dispatch("kv_attention", q, cache, self.layer_idx, positions, kv_len, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, H*D)
@@ -67,10 +72,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if hasattr(self, "gate_up_proj"):  # engine/fuse.py
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(registry.dispatch("silu_mul", self.gate_up_proj(x)))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -82,8 +85,17 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, positions, cache, kv_len):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, kv_len)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """x (B, T, hidden) → the layer's output (B, T, hidden)."""
+        residual, delta = self.forward_pair(x, None, cos, sin, positions, cache, kv_len)
+        return residual + delta
+
+    def forward_pair(self, residual, delta, cos, sin, positions, cache, kv_len):
+        """The layer on input residual + delta (delta None: residual alone); returns the pair
+        (residual, delta) whose sum is the output, leaving that add to the next norm."""
+        residual, h = self.input_layernorm.add_forward(residual, delta)
+        attn = self.self_attn(h, cos, sin, positions, cache, kv_len)
+        residual, h = self.post_attention_layernorm.add_forward(residual, attn)
+        return residual, self.mlp(h)
 
 
 class Backbone(nn.Module):
@@ -115,11 +127,13 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def hidden_states(self, tokens, positions, cache, kv_len=None):
-        x = self.model.embed_tokens(tokens)  # (B, T, H)
-        cos, sin = self.rotary(positions, x.dtype)
+        residual = self.model.embed_tokens(tokens)  # (B, T, H)
+        cos, sin = self.rotary(positions, residual.dtype)
+        delta = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, cache, kv_len)
-        return self.model.norm(x)
+            residual, delta = layer.forward_pair(residual, delta, cos, sin, positions, cache,
+                                                 kv_len)
+        return self.model.norm.add_forward(residual, delta)[1]
 
     def forward(self, tokens, positions, cache, kv_len=None, last_only=False):
         h = self.hidden_states(tokens, positions, cache, kv_len)
