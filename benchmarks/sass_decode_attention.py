@@ -79,6 +79,7 @@ def loop_profile(kernel) -> tuple[int, collections.Counter, str]:
 def variants():
     """(name, kernel, pointer types, constexprs, warps, K/V bytes one iteration reads)."""
     from lowbit.engine.kernels import triton_decode_attention as A
+    from lowbit.engine.kernels import triton_decode_int4 as I4
     from lowbit.engine.kernels import triton_decode_int8 as I8
     ws = {"pos_ptr": "i64", "ws_ptr": "fp32", "ml_ptr": "fp32", "lock_ptr": "i32"}
     split = dict(HKV=8, G=4, G_ST=4, D=128, SPLITS=64, SPLITS_P2=64, CHUNK=8, HAS_WINDOW=False)
@@ -90,9 +91,9 @@ def variants():
                dict(split, G_PAD=4, TW=t, W=w, VT=64, F16=True, ASM=True), w, w * t * 260)
     int4 = dict(ws, kp_ptr="u8", ks_ptr="fp16", kz_ptr="u8", vp_ptr="u8", vs_ptr="fp16",
                 vz_ptr="u8")
-    yield ("int4 group 32", A._decode_int4_kernel, int4,
-           dict(split, G_PAD=16, HALF=64, GV=4, VALUE_GROUP=32, BLOCK_N=32, IEEE=False), 4,
-           32 * 152)
+    for w in (4, 2, 8):  # 32 positions (one key group) a warp and iteration
+        yield (f"int4 {w} warps x 32", I4.decode_int4_kernel, int4,
+               dict(split, G_PAD=4, W=w, GV=4, SINK=0, F16=True, ASM=True), w, w * 32 * 152)
 
 
 def main():

@@ -29,14 +29,16 @@ SCALE_DTYPE = torch.float16
 # channel over 32 tokens with a 16-bit residual measured +0.8% perplexity, per-token keys +4.6%).
 KEY_GROUP = 32
 VALUE_GROUP = 32
-# int8 values are stored transposed in tiles of this many positions (Int8KVCache).
+# int8 values are stored transposed in tiles of this many positions (Int8KVCache); int4 values in
+# tiles of one key group, two positions a byte (Int4KVCache).
 VALUE_TILE = 64
+INT4_VALUE_TILE = KEY_GROUP
 # Positions kept in 16-bit (keys and values) at the start of the sequence, where attention sinks
 # live. Measured on the default model (4 windows of 1024 tokens of the news corpus, fp32): int4
 # +1.66% perplexity without, +0.87% with 4 sink tokens, +1.01% with 32 (values dominate the int4
 # error: relative squared error 0.0071 vs keys 0.0019, and the sink draws much of the attention).
-# Off by default until the Triton decode kernel reads k_sink / v_sink (it matches the reference
-# token for token).
+# Off by default: the measured gain is on one small model; the Triton decode kernel and the
+# one-token write read and write k_sink / v_sink, so turning them on costs no speed.
 DEFAULT_SINK_TOKENS = 0
 
 
@@ -199,7 +201,9 @@ class Int4KVCache(_QuantizedCache):
       k_zero     uint8   (L, B, Hkv, Gk, D)                 * k_scale[s//32, c]
       k_residual dtype   (L, B, Hkv, 32, D)     16-bit key of position 32*g + j at slot j, for the
                                                 group g in progress (not yet 32 keys)
-      v_packed   uint8   (L, B, Hkv, S, D/2)    same packing along head_dim
+      v_packed   uint8   (L, B, Hkv, Gk, D, 16) values transposed per tile of 32 positions and
+                                                packed along positions: byte[.., s//32, c, j] =
+                                                u[32(s//32) + 2j, c] | u[32(s//32) + 2j+1, c] << 4
       v_scale    float16 (L, B, Hkv, S, Gv)     value[s, c] = (u[s, c] - v_zero[s, c//32])
       v_zero     uint8   (L, B, Hkv, S, Gv)                   * v_scale[s, c//32]
       k_sink, v_sink dtype (L, B, Hkv, sink_tokens, D)  16-bit keys and values of positions
@@ -212,7 +216,10 @@ class Int4KVCache(_QuantizedCache):
     bytes, coalesced), and since one block of 32 tokens shares a (D,) scale and zero, it computes
     q.k = sum_c (q_c s_c) u_c - sum_c q_c s_c z_c: q is scaled once per group, low nibbles meet
     the even channels of q*s and high nibbles the odd ones, so no nibble is ever interleaved and K
-    is never dequantized. Values use the same unpacking with a per-row scale.
+    is never dequantized. Values are transposed, like the int8 cache's, because the P.V product
+    reduces over positions: a tensor-core operand register holds consecutive positions of one
+    channel, which a tile stores in consecutive nibbles (low nibbles: even positions, high: odd),
+    so a warp's 32 positions are one contiguous 2 KB block at D = 128 and need no shuffles.
 
     bytes_per_token (steady state, scales and zeros included, the 16-bit residual window and sink
     excluded: they are a fixed (32 + 2 * sink_tokens) * D * 2 bytes per layer and head, see
@@ -238,7 +245,8 @@ class Int4KVCache(_QuantizedCache):
         self.k_scale = torch.zeros(*lead, groups, d, dtype=SCALE_DTYPE, **kw)
         self.k_zero = torch.zeros(*lead, groups, d, dtype=torch.uint8, **kw)
         self.k_residual = torch.zeros(*lead, KEY_GROUP, d, dtype=dtype, **kw)
-        self.v_packed = torch.zeros(*lead, max_seq, d // 2, dtype=torch.uint8, **kw)
+        self.v_packed = torch.zeros(*lead, groups, d, INT4_VALUE_TILE // 2, dtype=torch.uint8,
+                                    **kw)
         self.v_scale = torch.zeros(*lead, max_seq, value_groups, dtype=SCALE_DTYPE, **kw)
         self.v_zero = torch.zeros(*lead, max_seq, value_groups, dtype=torch.uint8, **kw)
         self.sink_tokens = min(sink_tokens, max_seq)
@@ -266,9 +274,21 @@ class Int4KVCache(_QuantizedCache):
         b, h, t, d = v.shape
         u, scale, zero = _quantize_rows(v.reshape(-1, d), 4, VALUE_GROUP, symmetric=False)
         p1 = p0 + t
-        self.v_packed[layer, :, :, p0:p1] = pack_int4(u).view(b, h, t, d // 2)
+        t0, t1 = p0 // INT4_VALUE_TILE, -(-p1 // INT4_VALUE_TILE)
+        # the tiles p0 .. p1 touch, read back so the nibbles of other positions are kept
+        nibbles = self._value_nibbles(layer, t0, t1)  # (B, Hkv, (t1-t0)*32, D)
+        r0 = p0 - t0 * INT4_VALUE_TILE
+        nibbles[:, :, r0:r0 + t] = u.view(b, h, t, d)
+        tiles = nibbles.view(b, h, t1 - t0, INT4_VALUE_TILE, d).transpose(-1, -2)  # (.., D, 32)
+        self.v_packed[layer, :, :, t0:t1] = pack_int4(tiles)
         self.v_scale[layer, :, :, p0:p1] = scale.view(b, h, t, -1)
         self.v_zero[layer, :, :, p0:p1] = zero.view(b, h, t, -1)
+
+    def _value_nibbles(self, layer: int, t0: int, t1: int) -> Tensor:
+        """Value codes of tiles [t0, t1) position-major, (B, Hkv, (t1-t0)*32, D) uint8 (a copy)."""
+        tiles = unpack_int4(self.v_packed[layer, :, :, t0:t1])  # (B, Hkv, t1-t0, D, 32)
+        b, h, nt, d, tile = tiles.shape
+        return tiles.transpose(-1, -2).reshape(b, h, nt * tile, d)
 
     def _write_keys(self, layer: int, p0: int, k: Tensor) -> None:
         g0, r0 = divmod(p0, KEY_GROUP)
@@ -310,7 +330,8 @@ class Int4KVCache(_QuantizedCache):
     def dequantized_values(self, layer: int, n: int) -> Tensor:
         """Values of positions [0, n), (B, Hkv, n, D) in the model dtype (a temporary)."""
         b, h, d = self.batch, self.num_kv_heads, self.head_dim
-        u = unpack_int4(self.v_packed[layer, :, :, :n]).reshape(-1, d)  # (B*Hkv*n, D)
+        tiles = -(-n // INT4_VALUE_TILE)
+        u = self._value_nibbles(layer, 0, tiles)[:, :, :n].reshape(-1, d)  # (B*Hkv*n, D)
         gv = self.v_scale.shape[-1]
         x = dequantize_affine(u, self.v_scale[layer, :, :, :n].reshape(-1, gv),
                               self.v_zero[layer, :, :, :n].reshape(-1, gv), VALUE_GROUP,
@@ -328,11 +349,12 @@ class Int4KVCache(_QuantizedCache):
 
     @property
     def bytes_per_token(self) -> int | float:
-        keys = self.k_packed.nbytes + self.k_scale.nbytes + self.k_zero.nbytes
-        values = self.v_packed.nbytes + self.v_scale.nbytes + self.v_zero.nbytes
+        per_group = (self.k_packed.nbytes + self.k_scale.nbytes + self.k_zero.nbytes
+                     + self.v_packed.nbytes)  # sized by Sk = S rounded up to 32 positions
+        per_position = self.v_scale.nbytes + self.v_zero.nbytes
         sk = self.k_packed.shape[3]
-        # exact when D % 16 == 0 (every real model): keys / Sk + values / S
-        return _exact(keys * self.max_seq + values * sk, sk * self.max_seq)
+        # exact when D % 16 == 0 (every real model): per_group / Sk + per_position / S
+        return _exact(per_group * self.max_seq + per_position * sk, sk * self.max_seq)
 
 
 CACHE_CLASSES[8] = Int8KVCache

@@ -60,8 +60,6 @@ def supports(q: Tensor, cache, layer: int, positions: Tensor, kv_len: int | None
         return f"runs on cuda (or cpu under TRITON_INTERPRET=1), query is on {q.device}"
     if not isinstance(cache, _cache_classes()):
         return f"no kernel for a {type(cache).__name__}"
-    if getattr(cache, "sink_tokens", 0):
-        return "the kernels do not read the int4 cache's 16-bit sink tokens"
     d = q.shape[-1]
     if d < 32 or d > 256 or d & (d - 1):
         return f"head_dim {d} is not a power of two in [32, 256]"

@@ -2,10 +2,10 @@
 
 One program handles one (batch, KV head) and one contiguous split of the key blocks, with all
 G = H / Hkv query heads of that KV group as the rows of its tiles, so each K/V byte is read once
-per step whatever the GQA ratio. The dense and int4 kernels pad the G rows to 16 (tensor-core
-tiles); the padding costs arithmetic, never bytes. The int8 kernel lives in
-triton_decode_int8.py (independent warps, biased fp16 codes), the split plan and the merge in
-triton_decode_split.py.
+per step whatever the GQA ratio. The dense kernel pads the G rows to 16 (tensor-core tiles); the
+padding costs arithmetic, never bytes. The int8 and int4 kernels live in triton_decode_int8.py
+and triton_decode_int4.py (independent warps, biased fp16 codes), the split plan and the merge
+in triton_decode_split.py.
 
 The valid length is read on the device from positions[0] (the new token's position, already
 written to the cache): n = pos + 1. The split plan is computed from n inside the kernel, so the
@@ -23,14 +23,6 @@ Napkin math, Llama-3-8B shape (Hkv = 8, D = 128) at 32k filled, per layer and st
   int4:     8 * 32768 * 152 B = 40 MB -> 13 us
 Partials: 8 heads * splits(64) * G(4) rows * 128 * 4 B = 1 MB written and read once, ~2.5% of
 the int4 bytes at 32k; at 1k context only the few splits that hold keys write any.
-
-int4 dequantization happens in registers, shaped so that no nibble is ever interleaved:
-- keys (per channel over 32-token groups, one group per block): q is scaled by the group's
-  scales once, q.k = sum_c (q_c s_c)(u_c - z_c), with low nibbles meeting the even channels and
-  high nibbles the odd ones as two dots of D/2; the group in progress (positions from
-  32 * (n // 32) on) comes from the 16-bit residual window, exactly as the reference reads it;
-- values: (u - z) * s per element, even and odd channels accumulated separately and
-  interleaved only when stored.
 """
 from __future__ import annotations
 
@@ -41,10 +33,9 @@ import triton
 import triton.language as tl
 
 from .triton_common import buffer, interpreting
+from .triton_decode_int4 import decode_int4_kernel
 from .triton_decode_int8 import decode_int8_kernel
 from .triton_decode_split import LOG2E, M_INIT, finish, merge_chunk, online_softmax, split_range
-
-KEY_GROUP = 32  # engine.kv_quant.KEY_GROUP: one int4 key block is one quantization group
 
 
 @triton.jit
@@ -92,97 +83,6 @@ def _decode_dense_kernel(
                HKV, G, G_PAD, G_ST, D, SPLITS, SPLITS_P2, CHUNK)
 
 
-@triton.jit
-def _int4_values(vp_base, vs_base, vz_base, offs_s, valid, offs_j, dt,
-                 D: tl.constexpr, GV: tl.constexpr, VALUE_GROUP: tl.constexpr):
-    """(BLOCK_N, D/2) even and odd channels of the dequantized values of rows offs_s."""
-    packed = tl.load(vp_base + offs_s[:, None] * (D // 2) + offs_j[None, :], mask=valid[:, None],
-                     other=0)
-    grp = offs_s[:, None] * GV + (2 * offs_j // VALUE_GROUP)[None, :]
-    s = tl.load(vs_base + grp, mask=valid[:, None], other=0.0).to(tl.float32)
-    z = tl.load(vz_base + grp, mask=valid[:, None], other=0).to(tl.float32)
-    even = (((packed & 15).to(tl.float32) - z) * s).to(dt)
-    odd = (((packed >> 4).to(tl.float32) - z) * s).to(dt)
-    return even, odd
-
-
-@triton.jit
-def _decode_int4_kernel(
-        q_ptr, out_ptr, pos_ptr, kp_ptr, ks_ptr, kz_ptr, kr_ptr, vp_ptr, vs_ptr, vz_ptr,
-        ws_ptr, ml_ptr, lock_ptr, stride_qb, stride_qh, stride_ob, stride_oh,
-        stride_kp, stride_kg, stride_kr, stride_vp, stride_vg, qk_scale, window,
-        HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-        HALF: tl.constexpr, GV: tl.constexpr, VALUE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-        SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr, G_ST: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):
-    """int4 cache of one layer (engine.kv_quant.Int4KVCache), per (batch, head) bh:
-    kp (Sk, D/2) uint8, ks/kz (Gk, D), kr (32, D) 16-bit residual, vp (S, D/2) uint8,
-    vs/vz (S, GV); strides are those of the bh axis. Blocks are one 32-token key group."""
-    bh = tl.program_id(0)
-    sp = tl.program_id(1)
-    b0, b1, lo, n, nsplit = split_range(pos_ptr, window, sp, BLOCK_N, SPLITS, HAS_WINDOW)
-    if sp < nsplit:
-        b = bh // HKV
-        h = bh % HKV
-        offs_g = tl.arange(0, G_PAD)
-        offs_j = tl.arange(0, HALF)
-        offs_n = tl.arange(0, BLOCK_N)
-        dt = q_ptr.dtype.element_ty
-        bh64 = bh.to(tl.int64)
-        q_rows = q_ptr + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh
-        q_mask = offs_g[:, None] < G
-        q_even = tl.load(q_rows + 2 * offs_j[None, :], mask=q_mask, other=0.0).to(tl.float32)
-        q_odd = tl.load(q_rows + 2 * offs_j[None, :] + 1, mask=q_mask, other=0.0).to(tl.float32)
-        q_even = q_even * qk_scale
-        q_odd = q_odd * qk_scale
-        m = tl.full((G_PAD,), M_INIT, tl.float32)
-        l = tl.zeros((G_PAD,), tl.float32)
-        acc_even = tl.zeros((G_PAD, HALF), tl.float32)
-        acc_odd = tl.zeros((G_PAD, HALF), tl.float32)
-        kp_base = kp_ptr + bh64 * stride_kp
-        ks_base = ks_ptr + bh64 * stride_kg
-        kz_base = kz_ptr + bh64 * stride_kg
-        vp_base = vp_ptr + bh64 * stride_vp
-        vs_base = vs_ptr + bh64 * stride_vg
-        vz_base = vz_ptr + bh64 * stride_vg
-        complete = n // BLOCK_N  # key groups quantized as the newest query sees them
-        for blk in range(b0, tl.minimum(b1, complete)):
-            offs_s = blk * BLOCK_N + offs_n
-            valid = offs_s >= lo
-            packed = tl.load(kp_base + offs_s[:, None] * HALF + offs_j[None, :])  # (32, D/2)
-            s_even = tl.load(ks_base + blk * D + 2 * offs_j).to(tl.float32)
-            s_odd = tl.load(ks_base + blk * D + 2 * offs_j + 1).to(tl.float32)
-            z_even = tl.load(kz_base + blk * D + 2 * offs_j).to(tl.float32)
-            z_odd = tl.load(kz_base + blk * D + 2 * offs_j + 1).to(tl.float32)
-            k_even = ((packed & 15).to(tl.float32) - z_even[None, :]).to(dt)  # exact integers
-            k_odd = ((packed >> 4).to(tl.float32) - z_odd[None, :]).to(dt)
-            scores = _dot((q_even * s_even[None, :]).to(dt), tl.trans(k_even), IEEE)
-            scores += _dot((q_odd * s_odd[None, :]).to(dt), tl.trans(k_odd), IEEE)
-            p, alpha, m, l = online_softmax(scores, valid[None, :], m, l)
-            v_even, v_odd = _int4_values(vp_base, vs_base, vz_base, offs_s, valid, offs_j, dt,
-                                         D, GV, VALUE_GROUP)
-            pd = p.to(dt)
-            acc_even = acc_even * alpha[:, None] + _dot(pd, v_even, IEEE)
-            acc_odd = acc_odd * alpha[:, None] + _dot(pd, v_odd, IEEE)
-        if (complete < b1) & (complete >= b0):  # the group in progress, from the residual window
-            offs_s = complete * BLOCK_N + offs_n
-            valid = (offs_s < n) & (offs_s >= lo)
-            res = kr_ptr + bh64 * stride_kr + offs_n[:, None] * D + 2 * offs_j[None, :]
-            k_even = tl.load(res, mask=valid[:, None], other=0.0)
-            k_odd = tl.load(res + 1, mask=valid[:, None], other=0.0)
-            scores = _dot(q_even.to(dt), tl.trans(k_even.to(dt)), IEEE)
-            scores += _dot(q_odd.to(dt), tl.trans(k_odd.to(dt)), IEEE)
-            p, alpha, m, l = online_softmax(scores, valid[None, :], m, l)
-            v_even, v_odd = _int4_values(vp_base, vs_base, vz_base, offs_s, valid, offs_j, dt,
-                                         D, GV, VALUE_GROUP)
-            pd = p.to(dt)
-            acc_even = acc_even * alpha[:, None] + _dot(pd, v_even, IEEE)
-            acc_odd = acc_odd * alpha[:, None] + _dot(pd, v_odd, IEEE)
-        acc = tl.reshape(tl.join(acc_even, acc_odd), (G_PAD, D))  # channel 2j, 2j+1 adjacent
-        finish(acc, m, l, bh, sp, nsplit, out_ptr, stride_ob, stride_oh, ws_ptr, ml_ptr, lock_ptr,
-               HKV, G, G_PAD, G_ST, D, SPLITS, SPLITS_P2, CHUNK)
-
-
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a few splits exercise the merge
@@ -198,7 +98,7 @@ DEFAULTS = {
     # 202 registers a thread at 4 warps x 32 positions (Triton 3.6 and 3.9, sm_90): 2 per SM;
     # 64 positions a warp spills 24 bytes under Triton 3.6
     "int8": dict(warp_tokens=32, num_warps=4, num_stages=2, programs_per_sm=2),
-    "int4": dict(num_warps=4, num_stages=2, programs_per_sm=4),
+    "int4": dict(num_warps=4, num_stages=2, programs_per_sm=2),
 }
 
 
@@ -236,8 +136,7 @@ def decode_attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor
     storage; nothing is synchronised with the host, so the call can be captured in a CUDA graph.
     `splits` and `launch` override DEFAULTS (benchmarks): num_warps, num_stages, block_n
     (dense: positions per iteration), warp_tokens (int8: positions per warp and iteration, 32
-    or 64)."""
-    from lowbit.engine.kv_quant import VALUE_GROUP
+    or 64; int4: always 32, one key group)."""
 
     kind = _kind(cache)
     cfg = {**DEFAULTS[kind], **launch}
@@ -251,7 +150,7 @@ def decode_attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor
     ieee = q.dtype == torch.float32
     nw = cfg["num_warps"]
     block = {"dense": lambda: cfg["block_n"], "int8": lambda: nw * cfg["warp_tokens"],
-             "int4": lambda: KEY_GROUP}[kind]()
+             "int4": lambda: nw * 32}[kind]()
     sp = splits or default_splits(q.device, b * hkv, -(-cache.max_seq // block),
                                   cfg["programs_per_sm"])
     sp2 = triton.next_power_of_2(sp)
@@ -267,11 +166,12 @@ def decode_attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor
         kp, ks, kz = cache.k_packed[layer], cache.k_scale[layer], cache.k_zero[layer]
         kr, vp = cache.k_residual[layer], cache.v_packed[layer]
         vs, vz = cache.v_scale[layer], cache.v_zero[layer]
-        _decode_int4_kernel[grid](
-            *head, kp, ks, kz, kr, vp, vs, vz, ws, ml, locks, *strides,
-            kp.stride(1), ks.stride(1), kr.stride(1), vp.stride(1), vs.stride(1), qk_scale, win,
-            G_PAD=max(16, g_st), HALF=d // 2, GV=vs.shape[-1], VALUE_GROUP=VALUE_GROUP,
-            BLOCK_N=KEY_GROUP, IEEE=ieee, **common)
+        k_sink, v_sink = cache.k_sink[layer], cache.v_sink[layer]
+        decode_int4_kernel[grid](
+            *head, kp, ks, kz, kr, vp, vs, vz, k_sink, v_sink, ws, ml, locks, *strides,
+            kp.stride(1), ks.stride(1), kr.stride(1), vp.stride(1), vs.stride(1),
+            k_sink.stride(1), qk_scale, win, G_PAD=max(2, g_st), W=nw, GV=vs.shape[-1],
+            SINK=cache.sink_tokens, F16=not ieee, ASM=not interpreting(), **common)
     elif kind == "int8":
         k, v, ks, vs = cache.k[layer], cache.v[layer], cache.k_scale[layer], cache.v_scale[layer]
         decode_int8_kernel[grid](

@@ -10,7 +10,10 @@ Instructions per code (SASS, sm_90), against Triton's own int8 -> bf16 conversio
 PRMT, HADD2.BF16 per element, measured in the decode kernel's loop before this change):
 - int8 -> fp16 1152 + s: one LOP3 per 4 codes (s xor 0x80 = s + 128 as an unsigned byte), one
   PRMT per 2 (bytes under the exponent byte 0x64 of 1024): 0.75;
-- int4 -> 16-bit 2**e + u: see int4_biased.
+- int4 byte -> two fp16, 1024 + low nibble and 64 + high nibble: one PRMT per 2 bytes (bytes 0
+  and 1 of the word to bits 0 and 16), one LOP3 per 2 codes ((t & 0x000F000F) | 0x64006400: 1024
+  has a mantissa step of 1, so the low nibble lands as an integer; (t & 0x00F000F0) | 0x54005400:
+  64 has a step of 1/16, so the high nibble in bits 4..7 lands as one too): 0.75 a code.
 
 Element order: Triton hands each asm call 4 consecutive elements of a thread's registers packed
 into one 32-bit word (pack=4, the byte of element i at bits 8i..8i+7) and expects 4 16-bit
@@ -39,3 +42,37 @@ def int8_biased(x, ASM: tl.constexpr):
             constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
     else:
         return (x.to(tl.int16) + 1152).to(tl.float16)
+
+
+# int4_biased's offsets, exact in fp16 (constexprs: jit code reads them)
+INT4_LOW_BIAS = tl.constexpr(1024.0)
+INT4_HIGH_BIAS = tl.constexpr(64.0)
+
+
+@triton.jit
+def int4_biased(x, ASM: tl.constexpr):
+    """uint8 bytes (two nibbles) -> (fp16 1024 + low nibble, fp16 64 + high nibble), exact; two
+    asm calls whose shared PRMTs ptxas computes once."""
+    if ASM:
+        low = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t;
+            prmt.b32 t, $2, 0, 0x4140;
+            lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA;
+            prmt.b32 t, $2, 0, 0x4342;
+            lop3.b32 $1, t, 0x000F000F, 0x64006400, 0xEA;
+            }""",
+            constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
+        high = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t;
+            prmt.b32 t, $2, 0, 0x4140;
+            lop3.b32 $0, t, 0x00F000F0, 0x54005400, 0xEA;
+            prmt.b32 t, $2, 0, 0x4342;
+            lop3.b32 $1, t, 0x00F000F0, 0x54005400, 0xEA;
+            }""",
+            constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
+        return low, high
+    else:
+        return (((x & 15).to(tl.int16) + 1024).to(tl.float16),
+                ((x >> 4).to(tl.int16) + 64).to(tl.float16))

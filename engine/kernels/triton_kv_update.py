@@ -7,9 +7,11 @@ position on the device and writes exactly the bytes the torch path writes (same 
 IEEE division, round-half-to-even, fp16 scales, an underflowed scale stored as exact zeros):
 - int8: codes + one fp16 scale per token for k and v (value codes into their 64-position
   transposed tile);
-- int4: the value row (nibbles, fp16 scale and integer zero per 32 channels); the 16-bit key
+- int4: the value row (nibbles into their transposed 32-position tile, each byte read, its own
+  nibble replaced and written back; fp16 scale and integer zero per 32 channels); the 16-bit key
   into residual slot pos % 32, and when that slot is 31 the whole group, now complete, is
-  quantized per channel from the window and written to k_packed / k_scale / k_zero.
+  quantized per channel from the window and written to k_packed / k_scale / k_zero; a position
+  below sink_tokens also into the 16-bit k_sink / v_sink.
 Positions are not range-checked on the device; callers check on the host where they can.
 """
 from __future__ import annotations
@@ -85,11 +87,14 @@ if _missing is None:
 
     @triton.jit
     def _int4_write_kernel(k_ptr, v_ptr, pos_ptr, kp_ptr, ks_ptr, kz_ptr, kr_ptr,
-                           vp_ptr, vs_ptr, vz_ptr, stride_kb, stride_kh, stride_vb, stride_vh,
-                           stride_kp, stride_kg, stride_kr, stride_vp, stride_vg,
-                           HKV: tl.constexpr, D: tl.constexpr, GV: tl.constexpr):
-        """Values: the row viewed as (GV, 32), one group of 32 channels a row. Keys: the
-        residual window (32 tokens, D), one group of 32 tokens per channel."""
+                           vp_ptr, vs_ptr, vz_ptr, ksink_ptr, vsink_ptr,
+                           stride_kb, stride_kh, stride_vb, stride_vh,
+                           stride_kp, stride_kg, stride_kr, stride_vp, stride_vg, stride_sink,
+                           HKV: tl.constexpr, D: tl.constexpr, GV: tl.constexpr,
+                           SINK: tl.constexpr):
+        """Values: the row viewed as (GV, 32), one group of 32 channels a row, stored into the
+        tile (D, 16) of pos // 32. Keys: the residual window (32 tokens, D), one group of 32
+        tokens per channel. Sinks (SINK > 0): (SINK, D) rows per (batch, head)."""
         bh = tl.program_id(0)
         b = bh // HKV
         h = bh % HKV
@@ -99,9 +104,12 @@ if _missing is None:
         oc = tl.arange(0, 32)
         v = tl.load(v_ptr + b * stride_vb + h * stride_vh + og[:, None] * 32 + oc[None, :])
         u, s, z = _asym4(v.to(tl.float32), 1)  # (GV, 32), (GV, 1), (GV, 1)
-        oj = tl.arange(0, 16)
-        row = vp_ptr + bh64 * stride_vp + pos * (D // 2)
-        tl.store(row + og[:, None] * 16 + oj[None, :], _pack_pairs(u, GV, 32))
+        # byte (pos % 32) // 2 of channel c's row in the tile, low nibble for an even position
+        cell = (vp_ptr + bh64 * stride_vp + (pos // 32) * (D * 16) + (og[:, None] * 32
+                + oc[None, :]) * 16 + (pos % 32) // 2)  # (GV, 32)
+        shift = 4 * (pos % 2)
+        kept = tl.load(cell).to(tl.int32) & (0xF0 >> shift)
+        tl.store(cell, (kept | (u.to(tl.int32) << shift)).to(tl.uint8))
         tl.store(vs_ptr + bh64 * stride_vg + pos * GV + og[:, None], s.to(tl.float16))
         tl.store(vz_ptr + bh64 * stride_vg + pos * GV + og[:, None], z.to(tl.uint8))
         r = pos % 32
@@ -109,6 +117,11 @@ if _missing is None:
         k_row = k_ptr + b * stride_kb + h * stride_kh
         res = kr_ptr + bh64 * stride_kr
         tl.store(res + r * D + offs_d, tl.load(k_row + offs_d))
+        if SINK > 0:
+            if pos < SINK:
+                sink_row = bh64 * stride_sink + pos * D
+                tl.store(ksink_ptr + sink_row + offs_d, tl.load(k_row + offs_d))
+                tl.store(vsink_ptr + sink_row + og[:, None] * 32 + oc[None, :], v)
         if r == 31:
             ot = tl.arange(0, 32)
             window = tl.load(res + ot[:, None] * D + offs_d[None, :]).to(tl.float32)  # (32, D)
@@ -128,8 +141,6 @@ def supports_decode_write(cache, k: torch.Tensor) -> str | None:
     """None if the sync-free write can run for this cache and key, else why not."""
     if _missing is not None:
         return _missing
-    if getattr(cache, "sink_tokens", 0):
-        return "the kernel does not write the int4 cache's 16-bit sink tokens"
     d = k.shape[-1]
     if d < 32 or d & (d - 1):
         return f"head_dim {d} is not a power of two >= 32"
@@ -157,11 +168,13 @@ def decode_write(cache, layer: int, positions: torch.Tensor, k: torch.Tensor,
         kp, ks, kz = cache.k_packed[layer], cache.k_scale[layer], cache.k_zero[layer]
         kr, vp = cache.k_residual[layer], cache.v_packed[layer]
         vs, vz = cache.v_scale[layer], cache.v_zero[layer]
+        k_sink, v_sink = cache.k_sink[layer], cache.v_sink[layer]
         _int4_write_kernel[grid](
-            k, v, positions, kp, ks, kz, kr, vp, vs, vz,
+            k, v, positions, kp, ks, kz, kr, vp, vs, vz, k_sink, v_sink,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             kp.stride(1), ks.stride(1), kr.stride(1), vp.stride(1), vs.stride(1),
-            HKV=hkv, D=d, GV=vs.shape[-1], num_warps=4)
+            k_sink.stride(1), HKV=hkv, D=d, GV=vs.shape[-1], SINK=cache.sink_tokens,
+            num_warps=4)
     else:
         raise TypeError(f"no sync-free decode write for {type(cache).__name__}")
 

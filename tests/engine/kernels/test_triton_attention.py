@@ -210,7 +210,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lowbit.engine.kernels import triton_decode_attention as A, triton_kv_update as U
-from lowbit.engine.kernels import triton_decode_int8 as I8
+from lowbit.engine.kernels import triton_decode_int4 as I4, triton_decode_int8 as I8
 
 def build(fn, pointers, consts, num_warps=4):
     sig = {}
@@ -230,14 +230,15 @@ build(A._decode_dense_kernel, ws, dict(split, G_PAD=16, BLOCK_N=64, IEEE=False))
 for warps, tw in ((4, 64), (2, 32)):
     build(I8.decode_int8_kernel, dict(ws, k_ptr="i8", v_ptr="i8", ks_ptr="fp16", vs_ptr="fp16"),
           dict(split, G_PAD=4, TW=tw, W=warps, VT=64, F16=True, ASM=True), num_warps=warps)
-build(A._decode_int4_kernel, dict(ws, kp_ptr="u8", ks_ptr="fp16", kz_ptr="u8", vp_ptr="u8",
-                                  vs_ptr="fp16", vz_ptr="u8"),
-      dict(split, G_PAD=16, HALF=64, GV=4, VALUE_GROUP=32, BLOCK_N=32, IEEE=False))
+for warps, sink in ((4, 0), (2, 4)):
+    build(I4.decode_int4_kernel, dict(ws, kp_ptr="u8", ks_ptr="fp16", kz_ptr="u8", vp_ptr="u8",
+                                      vs_ptr="fp16", vz_ptr="u8"),
+          dict(split, G_PAD=4, W=warps, GV=4, SINK=sink, F16=True, ASM=True), num_warps=warps)
 build(U._int8_write_kernel, {"pos_ptr": "i64", "kq_ptr": "i8", "vq_ptr": "i8", "ks_ptr": "fp16",
                              "vs_ptr": "fp16"}, dict(HKV=8, D=128, VT=64))
 build(U._int4_write_kernel, {"pos_ptr": "i64", "kp_ptr": "u8", "ks_ptr": "fp16", "kz_ptr": "u8",
                              "vp_ptr": "u8", "vs_ptr": "fp16", "vz_ptr": "u8"},
-      dict(HKV=8, D=128, GV=4))
+      dict(HKV=8, D=128, GV=4, SINK=4))
 print("compiled")
 """
 

@@ -1,0 +1,258 @@
+"""Split-K decode attention over the int4 KV cache (engine.kv_quant.Int4KVCache), byte-bound.
+
+Layout read (per layer, bh = batch * Hkv + KV head, strides of the bh axis passed in):
+  kp   uint8 (Sk, D/2)       key nibbles, byte j of position s: channel 2j low, 2j+1 high
+  ks   fp16, kz uint8 (Gk, D) per-channel scale and integer zero of each 32-position key group
+  kr   16-bit (32, D)        the keys of the group in progress (not yet quantized)
+  vp   uint8 (Gk, D, 16)     values transposed per 32-position tile, byte j of channel c:
+                             position 2j low, 2j+1 high
+  vs   fp16, vz uint8 (S, GV) per-position scale and zero of each 32-channel value group
+  k_sink, v_sink 16-bit (SINK, D)  positions [0, SINK), read instead of their quantized bytes
+The structure is the int8 kernel's (triton_decode_int8.py): W independent warps, warp w takes the
+32 positions [blk*W*32 + w*32, +32) of each iteration, one key group, with its own running max,
+sum and output; the W partials merge once at the end, then across splits.
+
+Arithmetic (fp16 tensor cores; fp32 IEEE dots, unbiased codes, when the model is fp32):
+- keys: a byte gives two fp16 codes, 1024 + u for channel 2j and 64 + u for 2j+1
+  (triton_kv_codes.int4_biased, 0.75 instructions a code). The group's per-channel scale goes
+  into q, qs = q * s * F (F a power of two putting the group's largest scale in [1, 2), q
+  scaled once so its largest entry lies in [2^13, 2^14): qs < 2^15 never overflows fp16), and
+  the zero into one bias per query row, scores = qs . codes - sum_c qs_c (bias_c + z_c), both
+  sums over the same fp16-rounded qs. Even channels meet the low nibbles and odd ones the high
+  nibbles in two dots of D/2, so no nibble is interleaved;
+- values: the scale is per (position, 32 channels). The rows of the P.V product are (value
+  group gv, query row g), GV * G_PAD of them (16 at D = 128, G = 4: the tensor-core tile's M,
+  padded anyway): row (gv, g) holds p[g, s] * vs[s, gv] * F, so row block gv is exact for the
+  channels of group gv, and the other blocks, wrong for them, are dropped once at the end. The
+  low nibbles (even positions) and high nibbles (odd ones) are two dots of K = 16; the codes'
+  bias + zero, weighted by the same fp16 P, is one sum per row and block, taken off at the end.
+- the group in progress (positions 32 * (n // 32) .. n - 1) reads its 16-bit keys from kr, the
+  sink positions their 16-bit keys and values, both as one extra step of warp 0, exactly as the
+  reference (attention_quantized_reference.kv_attention_int4) sees them.
+
+Napkin math (Llama-3-8B, 8 KV heads, D = 128, 32k tokens): 8 * 32768 * 152 B = 39.8 MB per layer,
+13.3 us at 3.0 TB/s.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_decode_int8 import pow2_floor
+from .triton_decode_split import M_INIT, finish, merge_warps, online_softmax, split_range
+from .triton_kv_codes import INT4_HIGH_BIAS, INT4_LOW_BIAS, int4_biased
+
+TOKENS_PER_WARP = tl.constexpr(32)  # one key group (engine.kv_quant.KEY_GROUP)
+
+
+@triton.jit
+def _mma(a, b, acc, F16: tl.constexpr):
+    if F16:
+        return tl.dot(a, b, acc)
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _codes(x, F16: tl.constexpr, ASM: tl.constexpr):
+    """bytes -> (low, high) nibble codes in the dot dtype: biased fp16, or plain fp32 u."""
+    if F16:
+        return int4_biased(x, ASM)
+    else:
+        return (x & 15).to(tl.float32), (x >> 4).to(tl.float32)
+
+
+@triton.jit
+def _quantized_scores(kp_base, ks_base, kz_base, start, offs_t, q_even, q_odd, q_unscale,
+                      D: tl.constexpr, W: tl.constexpr, G_PAD: tl.constexpr, F16: tl.constexpr,
+                      ASM: tl.constexpr):
+    """Log2-domain scores (W, G_PAD, 32) of each warp's key group start // 32 (complete)."""
+    HALF: tl.constexpr = D // 2
+    offs_j = tl.arange(0, HALF)
+    offs_d = tl.arange(0, D)
+    grp = (start // TOKENS_PER_WARP)[:, None] * D + offs_d[None, :]  # (W, D)
+    s = tl.load(ks_base + grp).to(tl.float32)
+    z = tl.load(kz_base + grp).to(tl.float32)
+    s_max = tl.max(s, axis=1)  # (W,)
+    f_pow, f_inv = pow2_floor(s_max)
+    f_pow = tl.where(s_max > 0, f_pow, 1.0)
+    f_inv = tl.where(s_max > 0, f_inv, 1.0)
+    s_even, s_odd = tl.split(tl.reshape(s * f_inv[:, None], (W, HALF, 2)))
+    z_even, z_odd = tl.split(tl.reshape(z, (W, HALF, 2)))
+    qs_even = q_even[None, :, :] * s_even[:, None, :]  # (W, G_PAD, HALF)
+    qs_odd = q_odd[None, :, :] * s_odd[:, None, :]
+    low_bias: tl.constexpr = INT4_LOW_BIAS if F16 else 0.0
+    high_bias: tl.constexpr = INT4_HIGH_BIAS if F16 else 0.0
+    if F16:
+        qs_even = qs_even.to(tl.float16)
+        qs_odd = qs_odd.to(tl.float16)
+    bias = tl.sum(qs_even.to(tl.float32) * (z_even + low_bias)[:, None, :], axis=2) \
+        + tl.sum(qs_odd.to(tl.float32) * (z_odd + high_bias)[:, None, :], axis=2)  # (W, G_PAD)
+    tok = start[:, None] + offs_t[None, :]  # (W, 32)
+    packed = tl.load(kp_base + tok[:, :, None] * HALF + offs_j[None, None, :])  # (W, 32, D/2)
+    k_low, k_high = _codes(packed, F16, ASM)
+    raw = _mma(qs_even, tl.trans(k_low, 0, 2, 1),
+               _mma(qs_odd, tl.trans(k_high, 0, 2, 1),
+                    tl.zeros((W, G_PAD, TOKENS_PER_WARP), tl.float32), F16), F16)
+    return (raw - bias[:, :, None]) * (q_unscale * f_pow)[:, None, None]
+
+
+@triton.jit
+def _fp16_scores(k_base, tok, valid, qc, q_unscale, D: tl.constexpr, F16: tl.constexpr):
+    """Scores (W, G_PAD, 32) against 16-bit keys k_base + tok * D (model dtype)."""
+    offs_d = tl.arange(0, D)
+    k = tl.load(k_base + tok[:, :, None] * D + offs_d[None, None, :], mask=valid[:, :, None],
+                other=0.0)  # (W, 32, D)
+    dt = k.dtype if F16 else tl.float32
+    raw = _mma(qc.to(dt), tl.trans(k.to(dt), 0, 2, 1),
+               tl.zeros((qc.shape[0], qc.shape[1], TOKENS_PER_WARP), tl.float32), F16)
+    return raw * q_unscale
+
+
+@triton.jit
+def _probabilities(scores, valid, m, l, acc, v_bias, f, vs, W: tl.constexpr, GV: tl.constexpr,
+                   G_PAD: tl.constexpr, F16: tl.constexpr):
+    """Online softmax of one step; returns the (W, GV, G_PAD, 32) value-dot rows P * vs * F in
+    the dot dtype, and the state with acc, v_bias rescaled to the new max and F.
+    vs (W, GV, 32): value scales (1 for 16-bit values), 0 where invalid."""
+    p, alpha, m, l = online_softmax(scores, valid[:, None, :], m, l)  # (W, G_PAD, 32)
+    v_max = tl.max(tl.max(vs, axis=2), axis=1)  # (W,)
+    f_new = tl.where(v_max > 0, pow2_floor(v_max)[1], f)
+    rescale = alpha * (f_new / f)[:, None]  # (W, G_PAD)
+    f = f_new
+    rows = tl.reshape(tl.broadcast_to(rescale[:, None, :], (W, GV, G_PAD)), (W, GV * G_PAD))
+    pv = p[:, None, :, :] * (vs * f[:, None, None])[:, :, None, :]  # (W, GV, G_PAD, 32)
+    if F16:
+        pv = pv.to(tl.float16)
+    return pv, m, l, acc * rows[:, :, None], v_bias * rows, f
+
+
+@triton.jit
+def _quantized_values(pv, acc, v_bias, vp_base, vz_base, start, tok, valid, D: tl.constexpr,
+                      W: tl.constexpr, GV: tl.constexpr, G_PAD: tl.constexpr,
+                      F16: tl.constexpr, ASM: tl.constexpr):
+    """acc (W, GV*G_PAD, D) += rows pv (W, GV, G_PAD, 32) . int4 values of positions tok."""
+    offs_d = tl.arange(0, D)
+    offs_j = tl.arange(0, TOKENS_PER_WARP // 2)
+    offs_gv = tl.arange(0, GV)
+    M: tl.constexpr = GV * G_PAD
+    tile = tl.multiple_of((start // TOKENS_PER_WARP) * (D * TOKENS_PER_WARP // 2), 16)
+    packed = tl.load(vp_base + tile[:, None, None] + offs_d[None, :, None] * 16
+                     + offs_j[None, None, :])  # (W, D, 16)
+    v_even, v_odd = _codes(packed, F16, ASM)  # positions 2j, 2j + 1
+    z = tl.load(vz_base + tok[:, None, :] * GV + offs_gv[None, :, None], mask=valid[:, None, :],
+                other=0).to(tl.float32)  # (W, GV, 32)
+    if F16:
+        odd = (tl.arange(0, TOKENS_PER_WARP) % 2)[None, None, :]
+        z += tl.where(odd == 0, INT4_LOW_BIAS, INT4_HIGH_BIAS)
+    v_bias += tl.reshape(tl.sum(pv.to(tl.float32) * z[:, :, None, :], axis=3), (W, M))
+    p_even, p_odd = tl.split(tl.reshape(pv, (W, M, TOKENS_PER_WARP // 2, 2)))
+    acc = _mma(p_even, tl.trans(v_even, 0, 2, 1), acc, F16)
+    return _mma(p_odd, tl.trans(v_odd, 0, 2, 1), acc, F16), v_bias
+
+
+@triton.jit
+def _value_scales(vs_base, tok, valid, GV: tl.constexpr):
+    offs_gv = tl.arange(0, GV)
+    return tl.load(vs_base + tok[:, None, :] * GV + offs_gv[None, :, None], mask=valid[:, None, :],
+                   other=0.0).to(tl.float32)  # (W, GV, 32)
+
+
+@triton.jit
+def decode_int4_kernel(
+        q_ptr, out_ptr, pos_ptr, kp_ptr, ks_ptr, kz_ptr, kr_ptr, vp_ptr, vs_ptr, vz_ptr,
+        ksink_ptr, vsink_ptr, ws_ptr, ml_ptr, lock_ptr,
+        stride_qb, stride_qh, stride_ob, stride_oh, stride_kp, stride_kg, stride_kr, stride_vp,
+        stride_vg, stride_sink, qk_scale, window,
+        HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, G_ST: tl.constexpr,
+        D: tl.constexpr, W: tl.constexpr, GV: tl.constexpr, SINK: tl.constexpr,
+        SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
+    bh = tl.program_id(0)
+    sp = tl.program_id(1)
+    TW: tl.constexpr = TOKENS_PER_WARP
+    BLOCK: tl.constexpr = W * TW
+    M: tl.constexpr = GV * G_PAD
+    b0, b1, lo, n, nsplit = split_range(pos_ptr, window, sp, BLOCK, SPLITS, HAS_WINDOW)
+    if sp < nsplit:
+        b = bh // HKV
+        h = bh % HKV
+        offs_g = tl.arange(0, G_PAD)
+        offs_d = tl.arange(0, D)
+        offs_t = tl.arange(0, TW)
+        offs_w = tl.arange(0, W)
+        q = tl.load(q_ptr + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh
+                    + offs_d[None, :], mask=offs_g[:, None] < G, other=0.0).to(tl.float32)
+        q = q * qk_scale  # log2-domain softmax scale
+        q_max = tl.max(tl.max(tl.abs(q), axis=1), axis=0)
+        q_pow, q_inv = pow2_floor(q_max)
+        live_q = q_max > 1e-30
+        qc = q * tl.where(live_q, 8192.0 * q_inv, 1.0)  # exact: a power of two
+        q_unscale = tl.where(live_q, q_pow * (1.0 / 8192.0), 1.0)
+        q_even, q_odd = tl.split(tl.reshape(qc, (G_PAD, D // 2, 2)))
+        q3 = tl.broadcast_to(qc[None, :, :], (W, G_PAD, D))
+        m = tl.full((W, G_PAD), M_INIT, tl.float32)
+        l = tl.zeros((W, G_PAD), tl.float32)
+        acc = tl.zeros((W, M, D), tl.float32)
+        v_bias = tl.zeros((W, M), tl.float32)  # sum of P * (code bias + zero) per row
+        f = tl.full((W,), 1.0, tl.float32)
+        bh64 = bh.to(tl.int64)
+        kp_base = kp_ptr + bh64 * stride_kp
+        ks_base = ks_ptr + bh64 * stride_kg
+        kz_base = kz_ptr + bh64 * stride_kg
+        vp_base = vp_ptr + bh64 * stride_vp
+        vs_base = vs_ptr + bh64 * stride_vg
+        vz_base = vz_ptr + bh64 * stride_vg
+        first = offs_w == 0
+        if SINK > 0:
+            if sp == 0:  # the 16-bit sink positions, by warp 0 of the first split
+                sink_end = tl.minimum(n, SINK)
+                for c in range(0, tl.cdiv(sink_end, TW)):
+                    tok = c * TW + offs_t[None, :] + 0 * offs_w[:, None]  # (W, 32)
+                    valid = first[:, None] & (tok < sink_end) & (tok >= lo)
+                    sink_base = bh64 * stride_sink
+                    scores = _fp16_scores(ksink_ptr + sink_base, tok, valid, q3, q_unscale, D,
+                                          F16)
+                    ones = tl.where(valid[:, None, :], 1.0, 0.0)  # 16-bit values: no scale
+                    ones = tl.broadcast_to(ones, (W, GV, TW))
+                    pv, m, l, acc, v_bias, f = _probabilities(scores, valid, m, l, acc, v_bias,
+                                                              f, ones, W, GV, G_PAD, F16)
+                    v = tl.load(vsink_ptr + sink_base + tok[:, :, None] * D + offs_d[None, None, :],
+                                mask=valid[:, :, None], other=0.0)  # (W, 32, D)
+                    acc = _mma(tl.reshape(pv, (W, M, TW)), v.to(pv.dtype), acc, F16)
+        complete = n // TW * TW  # positions before it: quantized keys, as the newest query sees
+        for blk in range(b0, b1):
+            start = blk * BLOCK + offs_w * TW  # (W,) first position of each warp
+            tok = start[:, None] + offs_t[None, :]  # (W, 32)
+            valid = (tok < complete) & (tok >= lo) & (tok >= SINK)
+            # a warp's key group is complete or wholly past `complete` (both are multiples of
+            # 32): clamp the group index into the filled part instead of masking 16-byte loads;
+            # its scores are masked
+            safe = tl.where(start < complete, start, 0)
+            scores = _quantized_scores(kp_base, ks_base, kz_base, safe, offs_t, q_even, q_odd,
+                                       q_unscale, D, W, G_PAD, F16, ASM)
+            pv, m, l, acc, v_bias, f = _probabilities(
+                scores, valid, m, l, acc, v_bias, f, _value_scales(vs_base, tok, valid, GV), W,
+                GV, G_PAD, F16)
+            acc, v_bias = _quantized_values(pv, acc, v_bias, vp_base, vz_base, safe, tok, valid,
+                                            D, W, GV, G_PAD, F16, ASM)
+        if (complete < n) & (complete >= b0 * BLOCK) & (complete < b1 * BLOCK):
+            # the group in progress: 16-bit keys from the residual window, by warp 0
+            tok = complete + offs_t[None, :] + 0 * offs_w[:, None]  # (W, 32)
+            valid = first[:, None] & (tok < n) & (tok >= lo) & (tok >= SINK)
+            scores = _fp16_scores(kr_ptr + bh64 * stride_kr - complete * D, tok, valid, q3,
+                                  q_unscale, D, F16)
+            pv, m, l, acc, v_bias, f = _probabilities(
+                scores, valid, m, l, acc, v_bias, f, _value_scales(vs_base, tok, valid, GV), W,
+                GV, G_PAD, F16)
+            acc, v_bias = _quantized_values(pv, acc, v_bias, vp_base, vz_base,
+                                            complete + 0 * offs_w, tok, valid, D, W, GV, G_PAD,
+                                            F16, ASM)
+        # row block gv holds the output of the channels of value group gv
+        offs_gv = tl.arange(0, GV)
+        acc4 = tl.reshape(acc - v_bias[:, :, None], (W, GV, G_PAD, D))
+        own = offs_gv[None, :, None, None] == (offs_d // 32)[None, None, None, :]
+        out = tl.sum(tl.where(own, acc4, 0.0), axis=1) / f[:, None, None]  # (W, G_PAD, D)
+        out, m_all, l_all = merge_warps(out, m, l)
+        finish(out, m_all, l_all, bh, sp, nsplit, out_ptr, stride_ob, stride_oh, ws_ptr, ml_ptr,
+               lock_ptr, HKV, G, G_PAD, G_ST, D, SPLITS, SPLITS_P2, CHUNK)
