@@ -14,7 +14,7 @@ Baseline "sdpa-bf16": torch SDPA over the filled K/V only (length known on the h
 group folded into query rows so each K/V byte is read once; flash attention on H100).
 "--sweep" also times the launch variants in SWEEP (splits, warps, positions per warp or block,
 pipeline stages) at --sweep-context (default 32k) and prints each as it is measured; sweep rows
-carry "config" (decode_attention's keyword arguments). ~25 variants, under a minute on an H100.
+carry "config" (decode_attention's keyword arguments). ~30 variants, about a minute on an H100.
 """
 from __future__ import annotations
 
@@ -163,7 +163,11 @@ SWEEP = {
                                                           (8, 32))]
     + [dict(num_warps=4, warp_tokens=32, splits=s) for s in (16, 64, 128)]
     + [dict(num_warps=2, warp_tokens=64, num_stages=3)],
-    "int4": [dict(splits=s) for s in (32, 64, 128)] + [dict(num_warps=8)],
+    # num_warps x 32 positions (one key group a warp) an iteration; splits default to 2
+    # programs per SM
+    "int4": [dict(num_warps=w) for w in (4, 2, 8, 1)]
+    + [dict(num_warps=4, splits=s) for s in (16, 64, 128)]
+    + [dict(num_warps=2, splits=128), dict(num_warps=4, num_stages=3)],
 }
 
 
