@@ -121,4 +121,4 @@ def dequant_matmul(x: Tensor, weight: Int4Weight | Int8Weight, bias: Tensor | No
 
 
 registry.register("dequant_matmul", BACKEND, dequant_matmul, supports=supports,
-                  priority={"cpu": 10})
+                  priority={"cpu": 10}, can_run=can_run)

@@ -2,7 +2,10 @@
 
 Each op ("dequant_matmul", "kv_attention", ...) has backends registered with
   fn         the implementation, called as fn(*args, **kw)
-  supports   supports(*args, **kw) -> None if fn can run these arguments, else the reason (a str)
+  supports   supports(*args, **kw) -> None if fn should run these arguments when choosing
+             automatically, else the reason (a str): it may decline where it measured slower
+  can_run    the same question when the backend is forced: only what it cannot compute at all
+             (default: supports)
   priority   {device type: rank}; lower ranks are tried first; a device type absent from the dict
              means the backend is never picked automatically there (it can still be forced).
 The device is the type of the first tensor argument (the input activation).
@@ -40,9 +43,15 @@ class _Backend:
     fn: Callable
     supports: Callable[..., str | None] | None
     priority: dict[str, int]
+    can_run: Callable[..., str | None] | None = None
 
     def reason_unsupported(self, args, kw) -> str | None:
         return None if self.supports is None else self.supports(*args, **kw)
+
+    def reason_cannot_run(self, args, kw) -> str | None:
+        if self.can_run is None:
+            return self.reason_unsupported(args, kw)
+        return self.can_run(*args, **kw)
 
 
 _ops: dict[str, dict[str, _Backend]] = {}
@@ -51,9 +60,10 @@ _calls: dict[tuple[str, str, str, str], int] = {}  # (op, device, shape class, b
 
 
 def register(op: str, backend: str, fn: Callable, supports: Callable | None = None,
-             priority: dict[str, int] | None = None) -> None:
+             priority: dict[str, int] | None = None, can_run: Callable | None = None) -> None:
     """Register (or replace) `backend` for `op`."""
-    _ops.setdefault(op, {})[backend] = _Backend(backend, fn, supports, dict(priority or {}))
+    _ops.setdefault(op, {})[backend] = _Backend(backend, fn, supports, dict(priority or {}),
+                                                can_run)
 
 
 def backends(op: str) -> list[str]:
@@ -130,7 +140,7 @@ def _pick(op: str, table: dict[str, _Backend], device: str, args, kw) -> tuple[_
     if _forced is not None:
         backend = table.get(_forced)
         if backend is not None:
-            reason = backend.reason_unsupported(args, kw)
+            reason = backend.reason_cannot_run(args, kw)
             if reason is not None:
                 raise BackendUnavailable(f"backend {_forced!r} (forced) cannot run {op!r} on "
                                          f"{device}: {reason}")

@@ -68,6 +68,19 @@ def test_forced_backend_that_cannot_run_raises_with_reason():
     assert dispatch(op, torch.zeros(1))[0] == "slow"  # the context manager restored auto choice
 
 
+def test_forced_backend_runs_where_it_only_declined_for_speed():
+    op = _op()
+    registry.register(op, "slow", lambda x: ("slow", x), priority={"cpu": 100})
+    registry.register(op, "packed", lambda x: ("packed", x), priority={"cpu": 1},
+                      supports=lambda x: "64 rows: measured slower" if x.numel() > 8 else None,
+                      can_run=lambda x: "float64 cannot run" if x.dtype == torch.float64 else None)
+    assert dispatch(op, torch.zeros(64))[0] == "slow"  # auto: declined, measured slower
+    with use_backend("packed"):
+        assert dispatch(op, torch.zeros(64))[0] == "packed"  # forced: it can compute it
+        with pytest.raises(BackendUnavailable, match="float64 cannot run"):
+            dispatch(op, torch.zeros(2, dtype=torch.float64))
+
+
 def test_forced_backend_missing_for_op_chooses_automatically_and_logs(caplog):
     op = _op()
     _register_pair(op, fast_reason="needs K % 64 == 0")
