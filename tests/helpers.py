@@ -193,3 +193,14 @@ def write_tiny_gguf(path: Path, hf_dir: Path, *, arch: str = "llama", qtype: str
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def assert_one_line_error(result, *fragments):
+    """A click result that failed with one "Error: ..." line (no traceback) naming `fragments`."""
+    assert result.exit_code != 0
+    text = result.stderr or result.output
+    assert "Traceback" not in text
+    lines = [ln for ln in text.strip().splitlines() if ln]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import write_tiny_llama
+from helpers import assert_one_line_error, write_tiny_llama
 
 from lowbit.cli.compare import compare
 from lowbit.cli.main import cli
@@ -152,15 +152,6 @@ def test_calibration_on_the_evaluated_text_is_flagged_in_table_json_and_plot(env
 
 
 # ---------------------------------------------------------------- bad input
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.output.strip().splitlines() if ln]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def broken_copy(env, tmp_path, name):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from helpers import write_tiny_llama
+from helpers import assert_one_line_error, write_tiny_llama
 
 from lowbit.cli.compare import compare, parse_variants, split_list
 
@@ -31,15 +31,6 @@ def text_file(tmp_path_factory):
 
 def run(*args):
     return CliRunner().invoke(compare, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.output.strip().splitlines() if ln]
-    assert len(lines) == 1, result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def test_variants_are_every_pair_but_the_reference():
