@@ -155,7 +155,7 @@ def convert(src: str | Path | ModelSource | None, out: Path, cfg: QuantConfig,
     mc, dtype = source.model_config, source.dtype()
     plan = storage_plan(mc, cfg, dtype)
     specs = expected_tensors(mc, cfg, dtype)
-    meta = lowbit_json(cfg, dtype, {"path": str(source.path), "fingerprint": source.fingerprint,
+    meta = lowbit_json(cfg, dtype, {"path": str(Path(source.path).resolve()), "fingerprint": source.fingerprint,
                                     "kind": source_kind(src, source)}, specs)
     bar = Progress(len(plan), "converting", enabled=progress)
     quantized_weights = quantized_bytes = 0
@@ -181,7 +181,7 @@ def convert(src: str | Path | ModelSource | None, out: Path, cfg: QuantConfig,
             f.flush()
             os.fsync(f.fileno())
     return ConvertSummary(
-        out=out, source=str(source.path), quant=cfg, tensors=len(specs),
+        out=out, source=str(Path(source.path).resolve()), quant=cfg, tensors=len(specs),
         parameters=mc.num_parameters(), bytes_before=2 * mc.num_parameters(),
         bytes_after=sum(s.nbytes for s in specs.values()), quantized_weights=quantized_weights,
         quantized_bytes=quantized_bytes, seconds=time.perf_counter() - start,
