@@ -155,8 +155,9 @@ def convert(src: str | Path | ModelSource | None, out: Path, cfg: QuantConfig,
     mc, dtype = source.model_config, source.dtype()
     plan = storage_plan(mc, cfg, dtype)
     specs = expected_tensors(mc, cfg, dtype)
-    meta = lowbit_json(cfg, dtype, {"path": str(Path(source.path).resolve()), "fingerprint": source.fingerprint,
-                                    "kind": source_kind(src, source)}, specs)
+    origin = {"path": str(Path(source.path).resolve()), "fingerprint": source.fingerprint,
+              "kind": source_kind(src, source)}
+    meta = lowbit_json(cfg, dtype, origin, specs)
     bar = Progress(len(plan), "converting", enabled=progress)
     quantized_weights = quantized_bytes = 0
     with bar, atomic_directory(out, force) as tmp:
