@@ -4,7 +4,7 @@ The model knows nothing of quantization: QuantizedLinear is swapped in for nn.Li
 and the KV cache (16-bit or quantized) is passed in. Module names equal the HF checkpoint's
 (`model.layers.0.self_attn.q_proj`), so state_dict keys are the safetensors names.
 
-The elementwise work runs through registry ops (rms_norm, add_rms_norm, rotary, silu_mul): the
+The elementwise work runs through registry ops (rms_norm, add_rms_norm, rotary_update, silu_mul): the
 torch reference on CPU, one fused Triton launch each on CUDA. Each residual add is fused into
 the norm after it; after the MLP that norm is the next layer's (or the final one), so a layer
 returns the pair (residual, delta) whose sum is its output (DecoderLayer.forward_pair).
@@ -56,9 +56,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, positions, cache, kv_len):
         b, t, _ = x.shape
         q, k, v = self.project(x)
-        q, k = registry.dispatch("rotary", q, k, cos, sin)  # (B, H, T, D), (B, Hkv, T, D)
-        v = v.reshape(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        cache.update(self.layer_idx, positions, k, v)
+        # rotated q (B, H, T, D), k and v (B, Hkv, T, D); k and v written to the cache
+        q, k, v = registry.dispatch("rotary_update", q, k, v, cos, sin, cache, self.layer_idx,
+                                    positions)
         out = registry.dispatch("kv_attention", q, cache, self.layer_idx, positions, kv_len, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, H*D)
 

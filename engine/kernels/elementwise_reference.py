@@ -82,6 +82,26 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tens
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
+def rotary_update(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache, layer: int,
+                  positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """rotary, then the cache's update(layer, positions, k, v) with the rotated k: q, k, v as
+    (B, heads, T, D), the layouts attention reads."""
+    q, k = rotary(q, k, cos, sin)
+    b, t, _ = v.shape
+    v = v.reshape(b, t, -1, cos.shape[-1]).transpose(1, 2)  # (B, Hkv, T, D)
+    cache.update(layer, positions, k, v)
+    return q, k, v
+
+
+def check_rotary_update_args(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache,
+                             layer: int, positions: Tensor) -> str | None:
+    if v.shape != k.shape or v.dtype != k.dtype:
+        return f"v {tuple(v.shape)} {v.dtype} is not shaped and typed like k {tuple(k.shape)}"
+    if positions.shape != (q.shape[1],):
+        return f"positions {tuple(positions.shape)} are not one per token ({q.shape[1]})"
+    return check_rotary_args(q, k, cos, sin)
+
+
 def silu_mul(gate_up: Tensor) -> Tensor:
     """gate_up (..., 2*I), gate in the first half, up in the second (engine/fuse.py's stacking
     order) → silu(gate) * up (..., I)."""
@@ -98,5 +118,7 @@ registry.register("add_rms_norm", "reference", add_rms_norm,
                   supports=lambda x, delta, weight, eps: check_rms_norm_args(x, weight, delta),
                   priority=_EVERYWHERE)
 registry.register("rotary", "reference", rotary, supports=check_rotary_args, priority=_EVERYWHERE)
+registry.register("rotary_update", "reference", rotary_update, supports=check_rotary_update_args,
+                  priority=_EVERYWHERE)
 registry.register("silu_mul", "reference", silu_mul, supports=check_silu_mul_args,
                   priority=_EVERYWHERE)

@@ -1,4 +1,4 @@
-"""The model on the fused elementwise ops (rms_norm, add_rms_norm, rotary, silu_mul): the Triton
+"""The model on the fused elementwise ops (rms_norm, add_rms_norm, rotary_update, silu_mul): the Triton
 backend's logits match the reference's, and carrying (residual, delta) across layers changes
 nothing on the reference path."""
 import os
@@ -16,7 +16,7 @@ from lowbit.engine.kv_cache import create_cache  # noqa: E402
 from lowbit.engine.random_model import random_model  # noqa: E402
 from lowbit.quant.architecture import ModelConfig  # noqa: E402
 
-FUSED_OPS = ("rms_norm", "add_rms_norm", "rotary", "silu_mul")
+FUSED_OPS = ("rms_norm", "add_rms_norm", "rotary_update", "silu_mul")
 
 
 def tiny_config(layers=2):

@@ -17,6 +17,7 @@ from lowbit.engine.kernels import elementwise_reference as ref  # noqa: E402
 from lowbit.engine.kernels import dispatch, use_backend  # noqa: E402
 from lowbit.engine.kernels.triton_common import interpreting  # noqa: E402
 from lowbit.engine.kernels.triton_rotary import rotary  # noqa: E402
+from lowbit.engine.kv_cache import create_cache  # noqa: E402
 from lowbit.engine.rope import Rotary  # noqa: E402
 from lowbit.quant.architecture import ModelConfig  # noqa: E402
 
@@ -102,3 +103,70 @@ def test_gpu_llama3_heads(batch, t, dtype):
     cos, sin = cos_sin(32, 8, 128, torch.arange(4000, 4000 + t, device="cuda"), dtype)
     for g, w in zip(rotary(q, k, cos, sin), ref.rotary(q, k, cos, sin)):
         assert rel_err(g, w) < TOL[dtype]
+
+
+def _cache(kind, heads, kv_heads, head_dim, dtype, device="cpu", batch=2, max_seq=40):
+    cfg = ModelConfig.from_hf({
+        "model_type": "llama", "vocab_size": 64, "hidden_size": heads * head_dim,
+        "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "head_dim": head_dim, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": max_seq})
+    cache = create_cache(kind, cfg, batch, max_seq, dtype, device)
+    for t in vars(cache).values():  # stale slots must stay untouched, whatever they hold
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            t.fill_(float("nan"))
+    return cache
+
+
+@pytest.mark.parametrize("kind", [16, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t,start", [(1, 0), (1, 17), (7, 30)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 32), (6, 2, 16)])
+def test_rotary_update_writes_the_cache_like_the_reference(kind, dtype, t, start, heads,
+                                                           kv_heads, head_dim):
+    """Dense caches are written by the rotary launch itself, quantized ones by their own update:
+    either way the cache ends byte-equal to the reference's, NaN slots elsewhere untouched."""
+    q, k, v = projected(2, t, heads, kv_heads, head_dim, dtype, seed=4)
+    positions = torch.arange(start, start + t)
+    cos, sin = cos_sin(heads, kv_heads, head_dim, positions, dtype)
+    caches = {}
+    for backend in ("reference", "triton"):
+        caches[backend] = _cache(kind, heads, kv_heads, head_dim, dtype)
+        with use_backend(backend):
+            got = dispatch("rotary_update", q, k, v, cos, sin, caches[backend], 1, positions)
+        assert [tuple(x.shape) for x in got] == [(2, heads, t, head_dim),
+                                                 (2, kv_heads, t, head_dim),
+                                                 (2, kv_heads, t, head_dim)]
+        caches[backend + "_out"] = got
+    for g, w in zip(caches["triton_out"], caches["reference_out"]):
+        assert rel_err(g, w) < TOL[dtype]
+    want, got = caches["reference"], caches["triton"]
+    for name, w in vars(want).items():
+        if isinstance(w, torch.Tensor):
+            g = getattr(got, name)
+            if dtype == torch.float32:  # one rounding and three agree exactly in fp32
+                assert ((g == w) | (g.isnan() & w.isnan())).all(), name
+            elif w.is_floating_point():  # the same slots written, the NaN ones left alone
+                assert torch.equal(g.isnan(), w.isnan()), name
+    # fp16: rotated k rounds once in the kernel, three times in the reference (an int8 code
+    # may then land one step over); the written positions read back alike
+    for g, w in zip(got.read(1, start + t), want.read(1, start + t)):
+        assert rel_err(g[:, :, start:], w[:, :, start:]) < 10 * TOL[dtype]
+
+
+@on_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_rotary_update_dense_cache(dtype):
+    q, k, v = projected(1, 1, 32, 8, 128, dtype, device="cuda", seed=5)
+    positions = torch.tensor([1234], device="cuda")
+    cos, sin = cos_sin(32, 8, 128, positions, dtype)
+    want_cache, got_cache = (_cache(16, 32, 8, 128, dtype, "cuda", 1, 2048) for _ in range(2))
+    want = ref.rotary_update(q, k, v, cos, sin, want_cache, 1, positions)
+    with use_backend("triton"):
+        got = dispatch("rotary_update", q, k, v, cos, sin, got_cache, 1, positions)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < TOL[dtype]
+    assert rel_err(got_cache.k[1, :, :, 1234], want_cache.k[1, :, :, 1234]) < TOL[dtype]
+    assert torch.equal(got_cache.v[1, :, :, 1234], want_cache.v[1, :, :, 1234])
+    assert got_cache.k[:, :, :, :1234].isnan().all() and got_cache.v[0].isnan().all()
