@@ -18,13 +18,17 @@ Arithmetic (fp16 tensor cores; fp32 IEEE dots when the model is fp32):
   q exactly down to 2^-28 of that entry, and the scale is undone with the key scale;
 - values: the per-token scale goes into the probabilities, P = p * v_scale * F, with F a power
   of two per warp and block that puts the block's largest scale in [1, 2) (so P never
-  overflows fp16 nor flushes the tokens that matter); codes enter biased, 1152 + s, and
-  1152 * sum(P) is taken off once at the end; a change of F rescales the output with alpha.
+  overflows fp16 nor flushes the tokens that matter); codes enter as signed fp16 s
+  (triton_kv_codes.int8_signed, 1.25 instructions a code), so the accumulator, which the tensor
+  cores truncate, holds only sum(P * s); a change of F rescales the output with alpha. (Biased
+  codes here, 1152 + s with 1152 * sum(P) taken off at the end, lost ~ulp(1152 * sum(P)) a
+  k-step, one-signed: relative error 2.6e-2 at 128k on an H100, bf16's 2.2e-3.)
 
 Napkin math (Llama-3-8B, 8 KV heads, D = 128, 32k tokens): 8 * 32768 * (128 + 128 + 4) B =
-68.2 MB per layer, 22.7 us at 3.0 TB/s. SASS of the loop (sm_90, Triton 3.9, W = 2, TW = 64,
-G = 4): 2.4 instructions per cache byte, against 6.4 for the earlier kernel (which measured
-0.95 TB/s at 32k, issue-bound).
+68.2 MB per layer, 22.7 us at 3.0 TB/s. SASS of the loop (sm_90, Triton 3.9, G = 4,
+benchmarks/sass_decode_attention.py): 2.56 instructions per cache byte at W = 2, TW = 64 and
+3.03 at the default W = 4, TW = 32 (2.45 and 2.87 with biased value codes), against 6.4 for the
+earlier kernel (which measured 0.95 TB/s at 32k, issue-bound).
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .triton_decode_split import M_INIT, finish, merge_warps, online_softmax, split_range
-from .triton_kv_codes import INT8_BIAS, int8_biased
+from .triton_kv_codes import INT8_BIAS, int8_biased, int8_signed
 
 
 @triton.jit
@@ -43,7 +47,7 @@ def pow2_floor(x):
 
 
 @triton.jit
-def _codes(x, F16: tl.constexpr, ASM: tl.constexpr):
+def _key_codes(x, F16: tl.constexpr, ASM: tl.constexpr):
     """int8 codes s -> s + BIAS in the dot dtype: s + 1152 in fp16, s in fp32 (no bias to take
     off, whose cancellation would cost fp32 ~10 bits)."""
     if F16:
@@ -53,11 +57,20 @@ def _codes(x, F16: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, F16: tl.constexpr):
+def _value_codes(x, F16: tl.constexpr, ASM: tl.constexpr):
+    """int8 codes s -> s in the dot dtype."""
     if F16:
-        return tl.dot(a, b)
+        return int8_signed(x, ASM)
     else:
-        return tl.dot(a, b, input_precision="ieee")
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _dot(a, b, acc, F16: tl.constexpr):
+    if F16:
+        return tl.dot(a, b, acc)
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
 
 
 @triton.jit
@@ -96,7 +109,6 @@ def decode_int8_kernel(
         q3 = tl.broadcast_to(qc[None, :, :], (W, G_PAD, D))
         m = tl.full((W, G_PAD), M_INIT, tl.float32)
         l = tl.zeros((W, G_PAD), tl.float32)
-        v_sum = tl.zeros((W, G_PAD), tl.float32)  # sum of the P fed to the value dot
         f = tl.full((W,), 1.0, tl.float32)
         acc = tl.zeros((W, G_PAD, D), tl.float32)
         k_base = k_ptr + bh.to(tl.int64) * stride_kh
@@ -116,7 +128,8 @@ def decode_int8_kernel(
                          + offs_t[None, None, :], mask=inside, other=0)  # (W, D, TW)
             ks = tl.load(ks_ptr + s_base + tok, mask=valid, other=0.0).to(tl.float32)
             vs = tl.load(vs_ptr + s_base + tok, mask=valid, other=0.0).to(tl.float32)
-            raw = _dot(q3, tl.trans(_codes(k, F16, ASM), 0, 2, 1), F16)  # (W, G_PAD, TW)
+            raw = _dot(q3, tl.trans(_key_codes(k, F16, ASM), 0, 2, 1),
+                       tl.zeros((W, G_PAD, TW), tl.float32), F16)  # (W, G_PAD, TW)
             scores = (raw - k_bias[None, :, None]) * (ks * q_unscale)[:, None, :]
             p, alpha, m, l = online_softmax(scores, valid[:, None, :], m, l)
             v_max = tl.max(vs, axis=1)  # (W,)
@@ -126,10 +139,9 @@ def decode_int8_kernel(
             pv = p * (vs * f[:, None])[:, None, :]
             if F16:
                 pv = pv.to(tl.float16)
-            v_sum = v_sum * rescale + tl.sum(pv.to(tl.float32), axis=2)
-            acc = acc * rescale[:, :, None] + _dot(pv, tl.trans(_codes(vt, F16, ASM), 0, 2, 1),
-                                                   F16)
-        acc = (acc - BIAS * v_sum[:, :, None]) / f[:, None, None]
+            acc = _dot(pv, tl.trans(_value_codes(vt, F16, ASM), 0, 2, 1),
+                       acc * rescale[:, :, None], F16)
+        acc = acc / f[:, None, None]
         out, m_all, l_all = merge_warps(acc, m, l)
         finish(out, m_all, l_all, bh, sp, nsplit, out_ptr, stride_ob, stride_oh, ws_ptr, ml_ptr,
                lock_ptr, HKV, G, G_PAD, G_ST, D, SPLITS, SPLITS_P2, CHUNK)
