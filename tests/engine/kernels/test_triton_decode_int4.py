@@ -171,7 +171,9 @@ on_gpu = pytest.mark.skipif(not torch.cuda.is_available()
 
 @pytest.mark.gpu
 @on_gpu
-@pytest.mark.parametrize("n", [1, 63, 4097, 32768])
+# 32k and 128k: test_triton_attention.test_gpu_decode_long_context_accuracy (fp64 reference,
+# the dense kernel's tolerance)
+@pytest.mark.parametrize("n", [1, 63, 4097])
 @pytest.mark.parametrize("launch", [dict(), dict(num_warps=2), dict(num_warps=8, splits=100),
                                     dict(num_warps=4, num_stages=3)],
                          ids=["default", "w2", "w8-s100", "w4-st3"])

@@ -120,7 +120,9 @@ def test_int8_decode_large_and_tiny_scales(q_size):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="needs CUDA with TRITON_INTERPRET unset or 0")
-@pytest.mark.parametrize("n", [1, 63, 4097, 32768])
+# 32k and 128k: test_triton_attention.test_gpu_decode_long_context_accuracy (fp64 reference,
+# the dense kernel's tolerance)
+@pytest.mark.parametrize("n", [1, 63, 4097])
 @pytest.mark.parametrize("launch", [dict(), dict(num_warps=2, warp_tokens=64),
                                     dict(num_warps=8, warp_tokens=32, splits=100),
                                     dict(num_warps=2, warp_tokens=64, num_stages=3)],
