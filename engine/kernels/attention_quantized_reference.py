@@ -13,6 +13,8 @@ Only the first kv_len positions of one layer are dequantized, into temporaries.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from lowbit.engine.kv_cache import KVCacheError
@@ -63,6 +65,25 @@ def kv_attention_int4(q, cache: Int4KVCache, layer, positions, kv_len, k_new, v_
         fresh_part &= fresh_pos > positions[:, None] - cache.sliding_window
     mask = torch.cat((quantized_part, fresh_part), dim=1)  # (T, n + w)
     return grouped_attention(q, keys, values, mask)
+
+
+def exact_decode_attention(cache, layer: int, q: torch.Tensor, n: int) -> torch.Tensor:
+    """Attention of q (B, H, 1, D) at position n - 1 over positions [0, n) of any cache, in fp64:
+    the yardstick for the decode kernels at long contexts. n is a multiple of 32 (no int4 key
+    group in progress) and the cache has no sink tokens; the dequantization, exact in fp32
+    ((code - zero) * fp16 scale), is taken in fp64, not rounded to the model dtype."""
+    if n % KEY_GROUP or getattr(cache, "sink_tokens", 0):
+        raise ValueError(f"n = {n} must be a multiple of {KEY_GROUP}, with no sink tokens")
+    if isinstance(cache, (Int8KVCache, Int4KVCache)):
+        exact = copy.copy(cache)
+        exact.dtype = torch.float64
+        if isinstance(cache, Int8KVCache):
+            k, v = exact.read(layer, n)
+        else:
+            k, v = exact.dequantized_keys(layer, n), exact.dequantized_values(layer, n)
+    else:
+        k, v = cache.k[layer, :, :, :n], cache.v[layer, :, :, :n]
+    return grouped_attention(q.double(), k.double(), v.double(), None)
 
 
 def _register():

@@ -5,7 +5,6 @@ On CPU the kernels run in the Triton interpreter (set before triton is imported)
 (the interpreter's bf16 arithmetic is wrong). The GPU tests (Llama-3-8B shapes, bf16, CUDA
 graphs) run on the device with TRITON_INTERPRET=0.
 """
-import copy
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -17,6 +16,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from lowbit.engine.kernels import registry  # noqa: E402
 from lowbit.engine.kernels.attention_backend import kv_attention_triton, supports  # noqa: E402
+from lowbit.engine.kernels.attention_quantized_reference import exact_decode_attention  # noqa: E402
 from lowbit.engine.kernels.attention_reference import (grouped_attention,  # noqa: E402
                                                        kv_attention_reference, visibility_mask)
 from lowbit.engine.kernels.triton_common import interpreting  # noqa: E402
@@ -110,23 +110,6 @@ def random_bytes_cache(kind, cfg, n, device="cpu", seed=0):
     return cache
 
 
-def fp64_reference(kind, cache, layer, q, n):
-    """Attention of q at position n - 1 over positions [0, n) of the cache, in fp64. n is a
-    multiple of 32 (no int4 key group in progress, no sink tokens); the dequantization, exact
-    in fp32 ((code - zero) * fp16 scale), is taken in fp64, not rounded to the model dtype."""
-    assert n % 32 == 0 and getattr(cache, "sink_tokens", 0) == 0
-    if kind == "dense":
-        k, v = cache.k[layer, :, :, :n], cache.v[layer, :, :, :n]
-    else:
-        exact = copy.copy(cache)
-        exact.dtype = torch.float64
-        if kind == "int8":
-            k, v = exact.read(layer, n)
-        else:
-            k, v = exact.dequantized_keys(layer, n), exact.dequantized_values(layer, n)
-    return grouped_attention(q.double(), k.double(), v.double(), None)
-
-
 @pytest.mark.parametrize("kind", ["dense", "int8", "int4"])
 def test_decode_long_context_under_tensor_core_rounding(kind):
     """8192 random-bytes positions in one split of 4 warps (2048 positions a warp; a 128k
@@ -139,7 +122,7 @@ def test_decode_long_context_under_tensor_core_rounding(kind):
     q = torch.randn(1, 4, 1, 128, generator=torch.Generator().manual_seed(1)).half()
     with tensor_core_rounding():
         got = decode_attention(q, cache, 0, torch.tensor([n - 1]), splits=1, num_warps=4)
-    assert rel_err(got, fp64_reference(kind, cache, 0, q, n)) < 6e-4
+    assert rel_err(got, exact_decode_attention(cache, 0, q, n)) < 6e-4
 
 
 def test_tensor_core_rounding_truncates():
@@ -349,7 +332,7 @@ def test_gpu_decode_long_context_accuracy(kind, launch, n):
     gen = torch.Generator(device="cuda").manual_seed(n)
     q = torch.randn(1, 32, 1, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
     got = decode_attention(q, cache, 0, torch.tensor([n - 1], device="cuda"), **launch)
-    err = rel_err(got, fp64_reference(kind, cache, 0, q, n))
+    err = rel_err(got, exact_decode_attention(cache, 0, q, n))
     print(f"{kind} {launch} n={n}: rel err vs fp64 {err:.2e}")
     assert err < 5e-3
 
