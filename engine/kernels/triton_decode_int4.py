@@ -43,7 +43,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_decode_int8 import pow2_floor
+from .triton_decode_int8 import load_group_queries, pow2_floor
 from .triton_decode_split import M_INIT, finish, merge_warps, online_softmax, split_range
 from .triton_kv_codes import INT4_CENTER, INT4_HIGH_BIAS, INT4_LOW_BIAS, int4_biased, int4_centered
 
@@ -190,18 +190,11 @@ def decode_int4_kernel(
     if sp < nsplit:
         b = bh // HKV
         h = bh % HKV
-        offs_g = tl.arange(0, G_PAD)
         offs_d = tl.arange(0, D)
         offs_t = tl.arange(0, TW)
         offs_w = tl.arange(0, W)
-        q = tl.load(q_ptr + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh
-                    + offs_d[None, :], mask=offs_g[:, None] < G, other=0.0).to(tl.float32)
-        q = q * qk_scale  # log2-domain softmax scale
-        q_max = tl.max(tl.max(tl.abs(q), axis=1), axis=0)
-        q_pow, q_inv = pow2_floor(q_max)
-        live_q = q_max > 1e-30
-        qc = q * tl.where(live_q, 8192.0 * q_inv, 1.0)  # exact: a power of two
-        q_unscale = tl.where(live_q, q_pow * (1.0 / 8192.0), 1.0)
+        qc, q_unscale = load_group_queries(q_ptr, b, h, stride_qb, stride_qh, qk_scale, G,
+                                           G_PAD, D, 8192.0)
         q_even, q_odd = tl.split(tl.reshape(qc, (G_PAD, D // 2, 2)))
         q3 = tl.broadcast_to(qc[None, :, :], (W, G_PAD, D))
         m = tl.full((W, G_PAD), M_INIT, tl.float32)

@@ -47,6 +47,23 @@ def pow2_floor(x):
 
 
 @triton.jit
+def load_group_queries(q_ptr, b, h, stride_qb, stride_qh, qk_scale, G: tl.constexpr,
+                       G_PAD: tl.constexpr, D: tl.constexpr, TOP: tl.constexpr):
+    """The G query heads of KV head h as (G_PAD, D) fp32 rows (padding rows 0), softmax-scaled
+    into the log2 domain, then multiplied by a power of two that puts the largest |q| in
+    [TOP, 2 TOP) (exact); returns (scaled q, the factor that undoes it)."""
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh
+                + offs_d[None, :], mask=offs_g[:, None] < G, other=0.0).to(tl.float32)
+    q = q * qk_scale
+    q_max = tl.max(tl.max(tl.abs(q), axis=1), axis=0)
+    q_pow, q_inv = pow2_floor(q_max)
+    live_q = q_max > 1e-30
+    return q * tl.where(live_q, TOP * q_inv, 1.0), tl.where(live_q, q_pow * (1.0 / TOP), 1.0)
+
+
+@triton.jit
 def _key_codes(x, F16: tl.constexpr, ASM: tl.constexpr):
     """int8 codes s -> s + BIAS in the dot dtype: s + 1152 in fp16, s in fp32 (no bias to take
     off, whose cancellation would cost fp32 ~10 bits)."""
@@ -89,22 +106,15 @@ def decode_int8_kernel(
     if sp < nsplit:
         b = bh // HKV
         h = bh % HKV
-        offs_g = tl.arange(0, G_PAD)
         offs_d = tl.arange(0, D)
         offs_t = tl.arange(0, TW)
         offs_w = tl.arange(0, W)
-        q = tl.load(q_ptr + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh
-                    + offs_d[None, :], mask=offs_g[:, None] < G, other=0.0).to(tl.float32)
-        q = q * qk_scale  # log2-domain softmax scale
-        q_max = tl.max(tl.max(tl.abs(q), axis=1), axis=0)
-        q_pow, q_inv = pow2_floor(q_max)
-        live_q = q_max > 1e-30
-        q_mul = tl.where(live_q, 16384.0 * q_inv, 1.0)
-        q_unscale = tl.where(live_q, q_pow * (1.0 / 16384.0), 1.0)
+        q, q_unscale = load_group_queries(q_ptr, b, h, stride_qb, stride_qh, qk_scale, G, G_PAD,
+                                          D, 16384.0)
         if F16:
-            qc = (q * q_mul).to(tl.float16)
+            qc = q.to(tl.float16)
         else:
-            qc = q * q_mul
+            qc = q
         k_bias = BIAS * tl.sum(qc.to(tl.float32), axis=1)  # (G_PAD,)
         q3 = tl.broadcast_to(qc[None, :, :], (W, G_PAD, D))
         m = tl.full((W, G_PAD), M_INIT, tl.float32)

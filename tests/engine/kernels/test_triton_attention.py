@@ -24,7 +24,7 @@ from lowbit.engine.kernels.triton_decode_attention import decode_attention  # no
 from lowbit.engine.kernels.triton_kv_update import decode_write  # noqa: E402
 from lowbit.engine.kv_cache import DenseKVCache  # noqa: E402
 from lowbit.engine.kv_quant import Int4KVCache, Int8KVCache  # noqa: E402
-from lowbit.quant.architecture import ModelConfig  # noqa: E402
+from attention_cases import config, rel_err  # noqa: E402
 from tensor_core_rounding import tensor_core_rounding  # noqa: E402
 
 # relative Frobenius error bounds of the kernel against the reference on the same cache bytes:
@@ -34,21 +34,6 @@ KINDS = {"dense": DenseKVCache, "int8": Int8KVCache, "int4": Int4KVCache}
 
 on_gpu = pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
                             reason="needs CUDA with TRITON_INTERPRET unset or 0")
-
-
-def config(heads, kv_heads, head_dim, window=None, layers=2):
-    hf = {"model_type": "llama", "vocab_size": 64, "hidden_size": heads * head_dim,
-          "intermediate_size": 64, "num_hidden_layers": layers, "num_attention_heads": heads,
-          "num_key_value_heads": kv_heads, "head_dim": head_dim, "rms_norm_eps": 1e-5,
-          "max_position_embeddings": 4096}
-    if window is not None:
-        hf.update(model_type="mistral", sliding_window=window)
-    return ModelConfig.from_hf(hf)
-
-
-def rel_err(got, ref):
-    assert torch.isfinite(got).all()
-    return ((got.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def filled_cache(kind, cfg, batch, n, max_seq, dtype, device="cpu", layer=1, seed=0):

@@ -17,26 +17,11 @@ from lowbit.engine.kernels.triton_common import buffer  # noqa: E402
 from lowbit.engine.kernels.triton_decode_attention import decode_attention  # noqa: E402
 from lowbit.engine.kernels.triton_kv_update import decode_write  # noqa: E402
 from lowbit.engine.kv_quant import Int4KVCache  # noqa: E402
-from lowbit.quant.architecture import ModelConfig  # noqa: E402
+from attention_cases import config, rel_err  # noqa: E402
 
 # relative Frobenius error against the reference on the same cache bytes: fp32 runs IEEE dots;
 # fp16 rounds q * key scale, the probabilities and the 16-bit keys to 11 bits.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
-
-
-def config(heads, kv_heads, head_dim, window=None):
-    hf = {"model_type": "llama", "vocab_size": 64, "hidden_size": heads * head_dim,
-          "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": heads,
-          "num_key_value_heads": kv_heads, "head_dim": head_dim, "rms_norm_eps": 1e-5,
-          "max_position_embeddings": 4096}
-    if window is not None:
-        hf.update(model_type="mistral", sliding_window=window)
-    return ModelConfig.from_hf(hf)
-
-
-def rel_err(got, ref):
-    assert torch.isfinite(got).all()
-    return ((got.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def poison(cache, gen):
