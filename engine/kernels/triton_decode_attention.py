@@ -51,12 +51,14 @@ def _decode_dense_kernel(
         stride_qb, stride_qh, stride_ob, stride_oh, stride_kvh, qk_scale, window,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, G_ST: tl.constexpr,
         D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-        CHUNK: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):
+        CHUNK: tl.constexpr, MIN_BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        IEEE: tl.constexpr):
     """Dense cache of one layer: k, v (B*Hkv, S, D) in the model dtype, (batch, head) stride
     stride_kvh."""
     bh = tl.program_id(0)
     sp = tl.program_id(1)
-    b0, b1, lo, n, nsplit = split_range(pos_ptr, window, sp, BLOCK_N, SPLITS, HAS_WINDOW)
+    b0, b1, lo, n, nsplit = split_range(pos_ptr, window, sp, BLOCK_N, SPLITS, HAS_WINDOW,
+                                          MIN_BLOCKS)
     if sp < nsplit:
         b = bh // HKV
         h = bh % HKV
@@ -90,15 +92,18 @@ def _num_sms(device: torch.device) -> int:
 
 
 # Launch defaults per cache kind. programs_per_sm: how many programs an SM holds at once
-# (registers): the split count fills the GPU once at long contexts.
+# (registers): the split count fills the GPU once at long contexts. min_blocks: blocks of
+# positions (block_n dense, num_warps * warp_tokens int8, num_warps * 32 int4) a split takes at
+# least, so short contexts run fewer, longer splits (triton_decode_split); 1 = every context
+# spread over all splits.
 DEFAULTS = {
     # H100, 8 KV heads (bench_attention --sweep, 2026-11-27): 32 splits 65.6 us at 32k and
     # 199 us at 128k (90% of copy) against 74.8 / 216.8 for 64
-    "dense": dict(block_n=64, num_warps=4, num_stages=2, programs_per_sm=2),
+    "dense": dict(block_n=64, num_warps=4, num_stages=2, programs_per_sm=2, min_blocks=1),
     # 202 registers a thread at 4 warps x 32 positions (Triton 3.6 and 3.9, sm_90): 2 per SM;
     # 64 positions a warp spills 24 bytes under Triton 3.6
-    "int8": dict(warp_tokens=32, num_warps=4, num_stages=2, programs_per_sm=2),
-    "int4": dict(num_warps=4, num_stages=2, programs_per_sm=2),
+    "int8": dict(warp_tokens=32, num_warps=4, num_stages=2, programs_per_sm=2, min_blocks=1),
+    "int4": dict(num_warps=4, num_stages=2, programs_per_sm=2, min_blocks=1),
 }
 
 
@@ -128,6 +133,23 @@ def _kind(cache) -> str:
     raise TypeError(f"no decode attention kernel for {type(cache).__name__}")
 
 
+def launch_plan(q: torch.Tensor, cache, splits: int | None = None,
+                **launch) -> tuple[str, dict, int, int]:
+    """(cache kind, launch config = DEFAULTS overridden by `launch`, positions per block, split
+    count) of decode_attention(q, cache, ..., splits=splits, **launch)."""
+    kind = _kind(cache)
+    cfg = {**DEFAULTS[kind], **launch}
+    if cfg["min_blocks"] < 1:
+        raise ValueError(f"min_blocks must be at least 1, got {cfg['min_blocks']}")
+    nw = cfg["num_warps"]
+    block = {"dense": lambda: cfg["block_n"], "int8": lambda: nw * cfg["warp_tokens"],
+             "int4": lambda: nw * 32}[kind]()
+    hkv = cache.num_kv_heads if hasattr(cache, "num_kv_heads") else cache.k.shape[2]
+    sp = splits or default_splits(q.device, q.shape[0] * hkv, -(-cache.max_seq // block),
+                                  cfg["programs_per_sm"])
+    return kind, cfg, block, sp
+
+
 def decode_attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor, *,
                      splits: int | None = None, **launch) -> torch.Tensor:
     """q (B, H, 1, D) of the token at positions[0] (already written to `cache`) -> (B, H, 1, D).
@@ -136,10 +158,8 @@ def decode_attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor
     storage; nothing is synchronised with the host, so the call can be captured in a CUDA graph.
     `splits` and `launch` override DEFAULTS (benchmarks): num_warps, num_stages, block_n
     (dense: positions per iteration), warp_tokens (int8: positions per warp and iteration, 32
-    or 64; int4: always 32, one key group)."""
-
-    kind = _kind(cache)
-    cfg = {**DEFAULTS[kind], **launch}
+    or 64; int4: always 32, one key group), min_blocks (blocks per split at least)."""
+    kind, cfg, _, sp = launch_plan(q, cache, splits, **launch)
     b, h, _, d = q.shape
     hkv = cache.num_kv_heads if hasattr(cache, "num_kv_heads") else cache.k.shape[2]
     g = h // hkv
@@ -149,14 +169,11 @@ def decode_attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor
     qk_scale = LOG2E / math.sqrt(d)
     ieee = q.dtype == torch.float32
     nw = cfg["num_warps"]
-    block = {"dense": lambda: cfg["block_n"], "int8": lambda: nw * cfg["warp_tokens"],
-             "int4": lambda: nw * 32}[kind]()
-    sp = splits or default_splits(q.device, b * hkv, -(-cache.max_seq // block),
-                                  cfg["programs_per_sm"])
     sp2 = triton.next_power_of_2(sp)
     ws, ml, locks = _workspace(q.device, b * hkv, sp, g_st, d)
     common = dict(HKV=hkv, G=g, G_ST=g_st, D=d, SPLITS=sp, SPLITS_P2=sp2,
-                  CHUNK=merge_chunk(sp2, g_st, d, nw), HAS_WINDOW=window is not None,
+                  CHUNK=merge_chunk(sp2, g_st, d, nw), MIN_BLOCKS=cfg["min_blocks"],
+                  HAS_WINDOW=window is not None,
                   num_warps=nw, num_stages=cfg["num_stages"])
     grid = (b * hkv, sp)
     win = 0 if window is None else int(window)

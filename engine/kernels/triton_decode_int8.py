@@ -97,12 +97,14 @@ def decode_int8_kernel(
         window, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, G_ST: tl.constexpr,
         D: tl.constexpr, TW: tl.constexpr, W: tl.constexpr, VT: tl.constexpr,
         SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
+        MIN_BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr, F16: tl.constexpr,
+        ASM: tl.constexpr):
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     BLOCK: tl.constexpr = W * TW
     BIAS: tl.constexpr = INT8_BIAS if F16 else 0.0
-    b0, b1, lo, n, nsplit = split_range(pos_ptr, window, sp, BLOCK, SPLITS, HAS_WINDOW)
+    b0, b1, lo, n, nsplit = split_range(pos_ptr, window, sp, BLOCK, SPLITS, HAS_WINDOW,
+                                          MIN_BLOCKS)
     if sp < nsplit:
         b = bh // HKV
         h = bh % HKV

@@ -1,11 +1,19 @@
 """Pieces shared by the split-K decode attention kernels (dense, int8, int4): the split plan read
 from the device, and the in-launch merge of the splits' partials.
 
+Plan: the blocks [first, last) that hold visible keys go to the splits in runs of
+per = max(ceil((last - first) / SPLITS), MIN_BLOCKS) blocks. MIN_BLOCKS = 1 spreads any context
+over all SPLITS; a larger MIN_BLOCKS gives short contexts fewer, longer splits (fewer partials to
+store and merge: at 1k positions, 64 a block, 32 splits, every one of 16 splits holds one block)
+while contexts of at least SPLITS * MIN_BLOCKS blocks keep all SPLITS.
+
 Merge: each program stores its fp32 partial (running max m, running sum l, unnormalised output)
 for the G real query rows only, and bumps a per-(batch, KV head) counter; the last program to
 arrive merges all partials and writes the output, then resets the counter. The merge loads every
 split's (m, l) as one (SPLITS, G_ST) tile and the partial outputs as (CHUNK, G_ST, D) tiles
 of a statically unrolled loop, so it costs a few dependent memory round trips, not one per split.
+When one split holds every key (nsplit == 1) it writes the output itself: no workspace, no
+counter, no merge.
 Measured on H100 (commit 505e602): the earlier merge walked the splits one load at a time, ~80
 dependent L2 round trips at 64 splits, and was most of a ~25 us fixed cost per layer (bf16 at 32k:
 72.9 us against 46.6 us of streaming at the 128k rate).
@@ -26,16 +34,17 @@ M_INIT = tl.constexpr(-1.0e30)
 
 @triton.jit
 def split_range(pos_ptr, window, sp, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-                HAS_WINDOW: tl.constexpr):
+                HAS_WINDOW: tl.constexpr, MIN_BLOCKS: tl.constexpr):
     """The key blocks [b0, b1) of split `sp`, the visible keys [lo, n) and the number of splits
-    that hold any key; every program computes the same plan from positions[0]."""
+    that hold any key; every program computes the same plan from positions[0] (split_plan is
+    the host's copy)."""
     n = tl.load(pos_ptr).to(tl.int32) + 1
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(n - window, 0)
     first = lo // BLOCK_N
     last = (n + BLOCK_N - 1) // BLOCK_N
-    per = (last - first + SPLITS - 1) // SPLITS
+    per = tl.maximum((last - first + SPLITS - 1) // SPLITS, MIN_BLOCKS)
     nsplit = (last - first + per - 1) // per
     b0 = first + sp * per
     b1 = tl.minimum(b0 + per, last)
@@ -67,8 +76,29 @@ def finish(acc, m, l, bh, sp, nsplit, out_ptr, stride_ob, stride_oh, ws_ptr, ml_
            D: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
            CHUNK: tl.constexpr):
     """Store this split's partial (acc (G_PAD, D), m, l (G_PAD,)); the last split of (batch, KV
-    head) `bh` to arrive merges all of them and writes out[b, h*G + g, 0, :] for g < G.
+    head) `bh` to arrive merges all of them and writes out[b, h*G + g, 0, :] for g < G; a
+    lone split (nsplit == 1) writes it directly.
     SPLITS_P2 = next_power_of_2(SPLITS); CHUNK, a power of two <= SPLITS_P2."""
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D)
+    rows = offs_g < G
+    if nsplit == 1:
+        b = bh // HKV
+        h = bh % HKV
+        out = acc / tl.where(l > 0, l, 1.0)[:, None]  # rows >= G: 0, not NaN
+        ptrs = out_ptr + b * stride_ob + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :]
+        tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=rows[:, None])
+    else:
+        _store_and_merge(acc, m, l, bh, sp, nsplit, out_ptr, stride_ob, stride_oh, ws_ptr, ml_ptr,
+                         lock_ptr, HKV, G, G_PAD, G_ST, D, SPLITS, SPLITS_P2, CHUNK)
+
+
+@triton.jit
+def _store_and_merge(acc, m, l, bh, sp, nsplit, out_ptr, stride_ob, stride_oh, ws_ptr, ml_ptr,
+                     lock_ptr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                     G_ST: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+                     SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr):
+    """finish's path for nsplit > 1: the partial to the workspace, the last arrival merges."""
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
     rows = offs_g < G
@@ -107,6 +137,16 @@ def finish(acc, m, l, bh, sp, nsplit, out_ptr, stride_ob, stride_oh, ws_ptr, ml_
         out = total / tl.where(l_all > 0, l_all, 1.0)[:, None]  # rows >= G: 0, not NaN
         ptrs = out_ptr + b * stride_ob + (h * G + offs_r)[:, None] * stride_oh + offs_d[None, :]
         tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=offs_r[:, None] < G)
+
+
+def split_plan(n: int, block: int, splits: int, min_blocks: int = 1,
+               window: int | None = None) -> tuple[int, int]:
+    """split_range's plan on the host for n visible-so-far positions: (blocks per split, splits
+    that hold keys)."""
+    lo = 0 if window is None else max(n - window, 0)
+    span = -(-n // block) - lo // block
+    per = max(-(-span // splits), min_blocks)
+    return per, -(-span // per)
 
 
 def merge_chunk(splits_p2: int, g_st: int, d: int, num_warps: int) -> int:

@@ -19,8 +19,9 @@ from lowbit.engine.kernels.attention_backend import kv_attention_triton, support
 from lowbit.engine.kernels.attention_quantized_reference import exact_decode_attention  # noqa: E402
 from lowbit.engine.kernels.attention_reference import (grouped_attention,  # noqa: E402
                                                        kv_attention_reference, visibility_mask)
-from lowbit.engine.kernels.triton_common import interpreting  # noqa: E402
+from lowbit.engine.kernels.triton_common import buffer, interpreting  # noqa: E402
 from lowbit.engine.kernels.triton_decode_attention import decode_attention  # noqa: E402
+from lowbit.engine.kernels.triton_decode_split import split_plan  # noqa: E402
 from lowbit.engine.kernels.triton_kv_update import decode_write  # noqa: E402
 from lowbit.engine.kv_cache import DenseKVCache  # noqa: E402
 from lowbit.engine.kv_quant import Int4KVCache, Int8KVCache  # noqa: E402
@@ -126,6 +127,43 @@ def test_decode_many_splits_and_residual_window(kind):
     per split, and the int4 residual window holding 1..31 keys."""
     for n in (64, 97):
         check_decode(kind, torch.float32, 8, 2, 32, n, splits=7, block_n=16)
+
+
+# 32 positions a block for every kind, so int4's blocks are whole key groups
+SMALL_BLOCKS = {"dense": dict(block_n=32), "int8": dict(num_warps=1, warp_tokens=32),
+                "int4": dict(num_warps=1)}
+
+
+@pytest.mark.parametrize("kind,dtype", [("dense", torch.float32), ("int8", torch.float16),
+                                        ("int4", torch.float32)])
+def test_decode_min_blocks(kind, dtype):
+    """Fewer, longer splits: 10 blocks of 32 at n = 300 over 4 splits of at least 3 (3 + 3 + 3
+    + 1), the window cutting into the first split's blocks; lengths 1, 63, 64, 65 one or two
+    splits; the int4 residual window holding 31, 0, 1 and 12 keys."""
+    launch = dict(SMALL_BLOCKS[kind], splits=4, min_blocks=3)
+    assert split_plan(300, 32, 4, 3) == (3, 4) and split_plan(65, 32, 4, 3) == (3, 1)
+    for n in (1, 63, 64, 65, 300):
+        check_decode(kind, dtype, 8, 2, 32, n, **launch)
+    assert split_plan(300, 32, 4, 3, window=150) == (3, 2)
+    check_decode(kind, dtype, 8, 2, 32, 300, window=150, **launch)
+
+
+@pytest.mark.parametrize("kind", ["dense", "int8", "int4"])
+def test_decode_single_split_skips_the_workspace(kind):
+    """nsplit == 1 (min_blocks covers the context) writes the output directly: right with the
+    arrival counter poisoned and the workspace NaN, and the counter left as it was."""
+    launch = dict(SMALL_BLOCKS[kind], splits=8, min_blocks=16)
+    locks = buffer("attn_decode_locks", torch.device("cpu"), torch.int32, 4, zeroed=True)
+    buffer("attn_decode_ws", torch.device("cpu"), torch.float32, 1 << 16).fill_(float("nan"))
+    buffer("attn_decode_ml", torch.device("cpu"), torch.float32, 1 << 12).fill_(float("nan"))
+    locks.fill_(3)
+    try:
+        for n, window in ((300, None), (300, 100), (65, None)):
+            assert split_plan(n, 32, 8, 16, window)[1] == 1
+            check_decode(kind, torch.float32, 8, 2, 32, n, window=window, **launch)
+        assert (locks == 3).all()
+    finally:
+        locks.zero_()
 
 
 @pytest.mark.parametrize("kind", ["dense", "int8", "int4"])

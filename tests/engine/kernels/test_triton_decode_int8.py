@@ -61,17 +61,19 @@ def test_int8_decode_matches_reference(heads, kv_heads, head_dim, n, dtype):
 
 @pytest.mark.parametrize("launch", [dict(num_warps=4, warp_tokens=64, splits=2),
                                     dict(num_warps=1, warp_tokens=32, splits=5),
-                                    dict(num_warps=2, warp_tokens=64)],
-                         ids=["w4-t64", "w1-t32-s5", "w2-t64-default-splits"])
+                                    dict(num_warps=2, warp_tokens=64),
+                                    dict(num_warps=1, warp_tokens=64, splits=4, min_blocks=2)],
+                         ids=["w4-t64", "w1-t32-s5", "w2-t64-default-splits", "w1-t64-min2"])
 def test_int8_decode_launch_variants(launch):
-    """Blocks of 256 / 32 / 128 positions: warps whose positions all lie past n, splits with
-    one block, more splits than blocks."""
+    """Blocks of 256 / 32 / 128 / 64 positions: warps whose positions all lie past n, splits
+    with one block, more splits than blocks, 3 blocks over 2 splits of at least 2."""
     assert run(8, 2, 64, 161, torch.float16, **launch) < TOL[torch.float16]
 
 
-def test_int8_decode_ignores_bytes_past_the_position_and_stale_workspace():
+@pytest.mark.parametrize("min_blocks", [1, 2], ids=["merge", "single-split"])
+def test_int8_decode_ignores_bytes_past_the_position_and_stale_workspace(min_blocks):
     assert run(8, 2, 64, 77, torch.float16, max_seq=256, poison=True, num_warps=2,
-               warp_tokens=32, splits=4) < TOL[torch.float16]
+               warp_tokens=32, splits=4, min_blocks=min_blocks) < TOL[torch.float16]
 
 
 def test_int8_decode_sliding_window():
