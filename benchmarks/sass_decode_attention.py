@@ -34,6 +34,7 @@ LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 
 def compile_sm90(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int = 2):
     sig, attrs = {}, {}
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}  # MIN_BLOCKS: where taken
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
@@ -82,7 +83,8 @@ def variants():
     from lowbit.engine.kernels import triton_decode_int4 as I4
     from lowbit.engine.kernels import triton_decode_int8 as I8
     ws = {"pos_ptr": "i64", "ws_ptr": "fp32", "ml_ptr": "fp32", "lock_ptr": "i32"}
-    split = dict(HKV=8, G=4, G_ST=4, D=128, SPLITS=64, SPLITS_P2=64, CHUNK=8, HAS_WINDOW=False)
+    split = dict(HKV=8, G=4, G_ST=4, D=128, SPLITS=64, SPLITS_P2=64, CHUNK=8, MIN_BLOCKS=1,
+                 HAS_WINDOW=False)
     yield ("dense block 64", A._decode_dense_kernel, ws,
            dict(split, G_PAD=16, BLOCK_N=64, IEEE=False), 4, 64 * 512)
     int8 = dict(ws, k_ptr="i8", v_ptr="i8", ks_ptr="fp16", vs_ptr="fp16")

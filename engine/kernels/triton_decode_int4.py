@@ -27,16 +27,18 @@ Arithmetic (fp16 tensor cores; fp32 IEEE dots, unbiased codes, when the model is
   low nibbles (even positions) and high nibbles (odd ones) are two dots of K = 16. Codes enter
   centered, u - 8 (triton_kv_codes.int4_centered, 1.25 instructions a code), and
   sum(P * (z - 8)), weighted by the same fp16 P, is one sum per row and block, taken off at the
-  end: the accumulator, which the tensor cores truncate, holds sum(P * (u - 8)), not
-  1024 * sum(P) (biased codes failed the 32k GPU test: relative error 3.9e-2, see
-  triton_kv_codes);
+  end. That sum is one more dot of K = 32: the products P * (z - 8), rounded once to fp16,
+  against ones (N = 16, every column the row's sum; 4 HMMA a warp where lane reductions took
+  ~150 SHFL of the loop's 309), from a zero accumulator each iteration, added in fp32. The P.V
+  accumulator, which the tensor cores truncate, holds sum(P * (u - 8)), not 1024 * sum(P)
+  (biased codes failed the 32k GPU test: relative error 3.9e-2, see triton_kv_codes);
 - the group in progress (positions 32 * (n // 32) .. n - 1) reads its 16-bit keys from kr, the
   sink positions their 16-bit keys and values, both as one extra step of warp 0, exactly as the
   reference (attention_quantized_reference.kv_attention_int4) sees them.
 
 Napkin math (Llama-3-8B, 8 KV heads, D = 128, 32k tokens): 8 * 32768 * 152 B = 39.8 MB per layer,
-13.3 us at 3.0 TB/s. SASS of the loop (sm_90, Triton 3.9, G = 4, W = 4): 11.8 instructions per
-cache byte (11.4 with biased value codes).
+13.3 us at 3.0 TB/s. SASS of the loop (sm_90, Triton 3.9, G = 4, W = 4): 9.3 instructions per
+cache byte (11.8 with the value zero term as a lane reduction, 11.4 with biased value codes).
 """
 from __future__ import annotations
 
@@ -138,7 +140,7 @@ def _probabilities(scores, valid, m, l, acc, v_bias, f, vs, W: tl.constexpr, GV:
     pv = p[:, None, :, :] * (vs * f[:, None, None])[:, :, None, :]  # (W, GV, G_PAD, 32)
     if F16:
         pv = pv.to(tl.float16)
-    return pv, m, l, acc * rows[:, :, None], v_bias * rows, f
+    return pv, m, l, acc * rows[:, :, None], v_bias * rows[:, :, None], f
 
 
 @triton.jit
@@ -158,7 +160,11 @@ def _quantized_values(pv, acc, v_bias, vp_base, vz_base, start, tok, valid, D: t
                 other=0).to(tl.float32)  # (W, GV, 32)
     if F16:
         z -= INT4_CENTER
-    v_bias += tl.reshape(tl.sum(pv.to(tl.float32) * z[:, :, None, :], axis=3), (W, M))
+    # sum(pv * z) per row on the tensor cores: (pv * z) . ones, every column the row's sum (a
+    # zero accumulator: the truncating HMMA sums 32 terms, not the warp's whole range)
+    pz = tl.reshape(pv * z[:, :, None, :].to(pv.dtype), (W, M, TOKENS_PER_WARP))
+    ones = tl.full((W, TOKENS_PER_WARP, 16), 1.0, pv.dtype)
+    v_bias += _mma(pz, ones, tl.zeros((W, M, 16), tl.float32), F16)
     p_even, p_odd = tl.split(tl.reshape(pv, (W, M, TOKENS_PER_WARP // 2, 2)))
     acc = _mma(p_even, tl.trans(v_even, 0, 2, 1), acc, F16)
     return _mma(p_odd, tl.trans(v_odd, 0, 2, 1), acc, F16), v_bias
@@ -200,7 +206,7 @@ def decode_int4_kernel(
         m = tl.full((W, G_PAD), M_INIT, tl.float32)
         l = tl.zeros((W, G_PAD), tl.float32)
         acc = tl.zeros((W, M, D), tl.float32)
-        v_bias = tl.zeros((W, M), tl.float32)  # sum of P * (zero - code offset) per row
+        v_bias = tl.zeros((W, M, 16), tl.float32)  # sum of P * (zero - code offset) per row, x16
         f = tl.full((W,), 1.0, tl.float32)
         bh64 = bh.to(tl.int64)
         kp_base = kp_ptr + bh64 * stride_kp
@@ -256,7 +262,7 @@ def decode_int4_kernel(
                                             F16, ASM)
         # row block gv holds the output of the channels of value group gv
         offs_gv = tl.arange(0, GV)
-        acc4 = tl.reshape(acc - v_bias[:, :, None], (W, GV, G_PAD, D))
+        acc4 = tl.reshape(acc - tl.max(v_bias, axis=2)[:, :, None], (W, GV, G_PAD, D))
         own = offs_gv[None, :, None, None] == (offs_d // 32)[None, None, None, :]
         out = tl.sum(tl.where(own, acc4, 0.0), axis=1) / f[:, None, None]  # (W, G_PAD, D)
         out, m_all, l_all = merge_warps(out, m, l)
