@@ -186,13 +186,13 @@ def decode_int4_kernel(
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, G_ST: tl.constexpr,
         D: tl.constexpr, W: tl.constexpr, GV: tl.constexpr, SINK: tl.constexpr,
         SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
+        MIN_BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     TW: tl.constexpr = TOKENS_PER_WARP
     BLOCK: tl.constexpr = W * TW
     M: tl.constexpr = GV * G_PAD
-    b0, b1, lo, n, nsplit = split_range(pos_ptr, window, sp, BLOCK, SPLITS, HAS_WINDOW)
+    b0, b1, lo, n, nsplit = split_range(pos_ptr, window, sp, BLOCK, SPLITS, HAS_WINDOW, MIN_BLOCKS)
     if sp < nsplit:
         b = bh // HKV
         h = bh % HKV
