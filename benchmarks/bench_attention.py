@@ -3,6 +3,7 @@ head_dim 128), at 1k / 8k / 32k / 128k filled positions: bf16 SDPA against lowbi
 kernel over bf16, int8 and int4 KV (GPU only).
 
     python benchmarks/bench_attention.py [--out DIR] [--contexts 1024,8192,32768,131072]
+        [--sweep [--sweep-context 1024,8192,32768]]
 
 Each timed call runs the op over `layers` distinct layers of the cache inside one CUDA graph
 (enough layers that their K/V exceed the 50 MB L2, as consecutive layers of a real step do),
@@ -12,9 +13,15 @@ the int4 residual window), so GB/s compares directly with the device copy bandwi
 
 Baseline "sdpa-bf16": torch SDPA over the filled K/V only (length known on the host, the GQA
 group folded into query rows so each K/V byte is read once; flash attention on H100).
-"--sweep" also times the launch variants in SWEEP (splits, warps, positions per warp or block,
-pipeline stages) at --sweep-context (default 32k) and prints each as it is measured; sweep rows
-carry "config" (decode_attention's keyword arguments). ~30 variants, about a minute on an H100.
+"--sweep" also times launch variants at each of --sweep-context's contexts (a comma list,
+default 32k; added to --contexts) and prints each as it is measured: SPLIT_SWEEP (min_blocks:
+fewer, longer splits where a short context's step is fixed latency) at every one, SHORT_SWEEP
+(fewer splits, wider programs) below 32k, SWEEP (splits, warps, positions per warp or block,
+pipeline stages) at 32k and up.
+A variant that only re-plans the splits is skipped where its plan (splits holding keys, blocks
+per split) was already timed at that context, the default's included. Sweep rows carry
+"config" (decode_attention's keyword arguments) and "plan" (splits x blocks). At 1k, 8k and 32k:
+~53 variants, each timed over the same layers as the default row.
 """
 from __future__ import annotations
 
@@ -30,7 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import format_table, graph_bench_us, measure_limits, write_results  # noqa: E402
 
 from lowbit.engine.kernels.attention_quantized_reference import exact_decode_attention  # noqa: E402
-from lowbit.engine.kernels.triton_decode_attention import decode_attention  # noqa: E402
+from lowbit.engine.kernels.triton_decode_attention import (decode_attention,  # noqa: E402
+                                                            launch_plan)
+from lowbit.engine.kernels.triton_decode_split import split_plan  # noqa: E402
 from lowbit.engine.kv_cache import create_cache  # noqa: E402
 from lowbit.engine.model_configs import named_config  # noqa: E402
 
@@ -106,14 +115,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="1024,8192,32768,131072")
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--sweep-context", type=int, default=32768)
+    ap.add_argument("--sweep-context", default="32768",
+                    help="comma list of contexts the sweep runs at")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     _, cfg = named_config("llama-3-8b")
     limits = measure_limits()
     rows = []
     q = torch.randn(1, cfg.num_heads, 1, cfg.head_dim, device=DEVICE, dtype=DTYPE)
-    for n in (int(c) for c in args.contexts.split(",")):
+    sweep_contexts = {int(c) for c in args.sweep_context.split(",")} if args.sweep else set()
+    for n in sorted({int(c) for c in args.contexts.split(",")} | sweep_contexts):
         for bits, kv in ((16, "bf16"), (8, "int8"), (4, "int4")):
             per_layer_16 = 2 * cfg.num_kv_heads * n * cfg.head_dim * 2
             layers = max(1, min(32, math.ceil(L2_SPAN / per_layer_16 * (16 / bits))))
@@ -132,7 +143,7 @@ def main():
                              "frac_copy": round(nbytes / us / 1e3 / limits["copy_GBps"], 3),
                              "kv_MB_per_layer": round(nbytes / 1e6, 2), "layers_timed": layers,
                              **({} if err is None else {"rel_err_vs_ref": err})})
-            if args.sweep and n == args.sweep_context:
+            if n in sweep_contexts:
                 rows += sweep(cache, n, layers, q, kv, nbytes, limits, ref)
             del cache
             if DEVICE == "cuda":
@@ -144,11 +155,24 @@ def main():
                         "rel_err_vs_ref"]))
     sweep_rows = [r for r in rows if "config" in r]
     if sweep_rows:
-        print(format_table(sweep_rows, ["method", "config", "us", "GBps", "frac_copy",
-                                        "rel_err_vs_default", "rel_err_vs_ref"]))
+        print(format_table(sweep_rows, ["method", "context", "config", "plan", "us", "GBps",
+                                        "frac_copy", "rel_err_vs_default", "rel_err_vs_ref"]))
     print(f"limits {limits}; wrote {path}")
 
 
+LONG_CONTEXT = 32768
+# at every sweep context: fewer, longer splits where the context is short, all of them at long
+# contexts (a plan equal to the default's is skipped)
+SPLIT_SWEEP = {kv: [dict(min_blocks=b) for b in (2, 4, 8, 16)] for kv in ("bf16", "int8", "int4")}
+# below LONG_CONTEXT: fewer splits outright, and wider programs for the longer splits
+SHORT_SWEEP = {
+    "bf16": [dict(splits=s) for s in (8, 16)]
+    + [dict(block_n=128, min_blocks=4), dict(num_warps=8, min_blocks=8)],
+    "int8": [dict(splits=s) for s in (8, 16)] + [dict(num_warps=8, warp_tokens=32, min_blocks=4)],
+    "int4": [dict(splits=s) for s in (8, 16)] + [dict(num_warps=8, min_blocks=4)],
+}
+
+# at sweep contexts of LONG_CONTEXT and more
 SWEEP = {
     "bf16": [dict(splits=s) for s in (32, 64, 128)]
     + [dict(block_n=32), dict(block_n=128), dict(num_warps=8)],
@@ -172,7 +196,19 @@ def sweep(cache, n, layers, q, kv, nbytes, limits, ref) -> list[dict]:
     pos = torch.tensor([n - 1], device=DEVICE)
     want = decode_attention(q, cache, 0, pos).double()
     out = []
-    for launch in SWEEP[kv]:
+    window = cache.sliding_window
+
+    def plan(launch):
+        _, cfg, block, splits = launch_plan(q, cache, **launch)
+        return split_plan(n, block, splits, cfg["min_blocks"], window)
+    timed_plans = {plan({})}
+    for launch in SPLIT_SWEEP[kv] + (SWEEP[kv] if n >= LONG_CONTEXT else SHORT_SWEEP[kv]):
+        per, nsplit = plan(launch)
+        if set(launch) <= {"splits", "min_blocks"}:
+            if (per, nsplit) in timed_plans:
+                print(f"sweep {kv} {launch}: plan {nsplit}x{per} already timed, skipped")
+                continue
+            timed_plans.add((per, nsplit))
         try:
             got = decode_attention(q, cache, 0, pos, **launch).double()
             us = time_lowbit(cache, n, layers, q, **launch)
@@ -182,11 +218,13 @@ def sweep(cache, n, layers, q, kv, nbytes, limits, ref) -> list[dict]:
         err = ((got - want).norm() / want.norm()).item()
         row = {"bench": "attention-sweep", "method": f"lowbit-{kv}", "kv": kv,
                "context": n, "config": " ".join(f"{k}={v}" for k, v in launch.items()),
+               "plan": f"{nsplit}x{per}",
                "us": round(us, 2), "GBps": round(nbytes / us / 1e3, 1),
                "frac_copy": round(nbytes / us / 1e3 / limits["copy_GBps"], 3),
                "rel_err_vs_default": float(f"{err:.2e}"), "rel_err_vs_ref": rel_err(got, ref)}
-        print(f"sweep {kv:5s} {row['config']:42s} {row['us']:8.2f} us {row['GBps']:8.1f} GB/s "
-              f"{row['frac_copy']:.3f} of copy, rel err vs default {err:.1e}", flush=True)
+        print(f"sweep {kv:5s} {n:6d} {row['config']:30s} {row['plan']:>6s} {row['us']:7.2f} us "
+              f"{row['GBps']:8.1f} GB/s {row['frac_copy']:.3f} of copy, rel err vs default "
+              f"{err:.1e}", flush=True)
         out.append(row)
     return out
 
