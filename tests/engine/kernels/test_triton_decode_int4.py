@@ -11,15 +11,10 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
 from lowbit.engine.kernels.attention_reference import (grouped_attention,  # noqa: E402
                                                        kv_attention_reference)
 from lowbit.engine.kernels.triton_common import buffer  # noqa: E402
 from lowbit.engine.kernels.triton_decode_attention import decode_attention  # noqa: E402
-from lowbit.engine.kernels.triton_kv_codes import (int4_key_zero_negated,  # noqa: E402
-                                                   int4_zero_centered)
 from lowbit.engine.kernels.triton_kv_update import decode_write  # noqa: E402
 from lowbit.engine.kv_quant import Int4KVCache  # noqa: E402
 from attention_cases import config, rel_err  # noqa: E402
@@ -177,37 +172,3 @@ def test_gpu_int4_decode_llama3_shape(n, launch):
 @pytest.mark.parametrize("n,sink", [(4097, 4), (20, 32)])
 def test_gpu_int4_decode_sink_tokens(n, sink):
     assert run(32, 8, 128, n, torch.bfloat16, sink=sink, device="cuda") < 1.5e-2
-
-
-# ---- zero-point conversions (triton_kv_codes): PTX on the GPU, plain ops here, same values ----
-
-@triton.jit
-def _zero_codes_kernel(x_ptr, out_ptr, ASM: tl.constexpr):
-    offs = tl.arange(0, 256)
-    x = tl.load(x_ptr + offs)
-    tl.store(out_ptr + offs, int4_zero_centered(x, ASM))
-    tl.store(out_ptr + 256 + offs, int4_key_zero_negated(x, ASM))
-
-
-def zero_codes(device, asm):
-    """Every byte value through both conversions: (256,) z - 8, then (256,) -(1024 + z)."""
-    x = torch.arange(256, dtype=torch.uint8, device=device)
-    out = torch.full((512,), float("nan"), dtype=torch.float16, device=device)
-    _zero_codes_kernel[(1,)](x, out, ASM=asm)
-    return out.cpu()
-
-
-def expected_zero_codes():
-    z = torch.arange(256, dtype=torch.float32)
-    return torch.cat([z - 8, -(1024 + z)]).to(torch.float16)
-
-
-def test_zero_codes_plain():
-    assert torch.equal(zero_codes("cpu", False), expected_zero_codes())
-
-
-@pytest.mark.gpu
-@on_gpu
-def test_gpu_zero_codes_ptx_match_plain():
-    assert torch.equal(zero_codes("cuda", True), expected_zero_codes())
-    assert torch.equal(zero_codes("cuda", False), expected_zero_codes())
