@@ -42,11 +42,11 @@ Arithmetic (fp16 tensor cores; fp32 IEEE dots, unbiased codes, when the model is
   reference (attention_quantized_reference.kv_attention_int4) sees them.
 
 Napkin math (Llama-3-8B, 8 KV heads, D = 128, 32k tokens): 8 * 32768 * 152 B = 39.8 MB per layer,
-13.3 us at 3.0 TB/s. SASS of the loop (sm_90, Triton 3.9, G = 4, W = 4): 1068 instructions,
-7.03 per cache byte (1102 with masked value-zero loads in the loop; 1110 with the scores
-unscaled by a multiply each; 1167 with the key zeros converted by I2F; 1174 with P split into
-parities after the score dots and the value zero term as (P * z) . ones; 9.3 with the key zero
-term as a lane reduction, 11.8 with the value one too).
+13.3 us at 3.0 TB/s. SASS of the loop (sm_90, Triton 3.9, G = 4, W = 4): 1102 instructions,
+7.25 per cache byte (1110 with the scores unscaled by a multiply each; 1167 with the key zeros
+converted by I2F; 1174 with P split into parities
+after the score dots and the value zero term as (P * z) . ones; 9.3 with the key zero term as a
+lane reduction, 11.8 with the value one too).
 """
 from __future__ import annotations
 
@@ -203,8 +203,7 @@ def _probabilities(s_even, s_odd, unscale, v_even, v_odd, m, l, acc, v_bias, f, 
 @triton.jit
 def _quantized_values(pv_even, pv_odd, acc, v_bias, vp_base, vz_base, start, tok_even, v_even,
                       v_odd, D: tl.constexpr, W: tl.constexpr, GV: tl.constexpr,
-                      G_PAD: tl.constexpr, MASKED: tl.constexpr, F16: tl.constexpr,
-                      ASM: tl.constexpr):
+                      G_PAD: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
     """acc (W, GV*G_PAD, D) += rows pv_even, pv_odd (W, GV*G_PAD, 16) . int4 values of positions
     tok_even (W, 16) and tok_even + 1 (valid where v_even, v_odd)."""
     offs_d = tl.arange(0, D)
@@ -220,14 +219,8 @@ def _quantized_values(pv_even, pv_odd, acc, v_bias, vp_base, vz_base, start, tok
     # terms, not the warp's whole range
     offs_n = tl.arange(0, 16) % GV
     zo = tok_even[:, :, None] * GV + offs_n[None, None, :]  # (W, 16, 16)
-    if MASKED:
-        z_even = tl.load(vz_base + zo, mask=v_even[:, :, None], other=0)
-        z_odd = tl.load(vz_base + zo + GV, mask=v_odd[:, :, None], other=0)
-    else:  # positions of complete groups, in bounds; any zero times P = 0 adds nothing
-        z_even = tl.load(vz_base + zo)
-        z_odd = tl.load(vz_base + zo + GV)
-    z_even = _zero_codes(z_even, F16, ASM)
-    z_odd = _zero_codes(z_odd, F16, ASM)
+    z_even = _zero_codes(tl.load(vz_base + zo, mask=v_even[:, :, None], other=0), F16, ASM)
+    z_odd = _zero_codes(tl.load(vz_base + zo + GV, mask=v_odd[:, :, None], other=0), F16, ASM)
     v_bias += _mma(pv_even, z_even,
                    _mma(pv_odd, z_odd,
                         tl.zeros((W, GV * G_PAD, 16), tl.float32), F16), F16)
@@ -325,8 +318,7 @@ def decode_int4_kernel(
                 _value_scales(vs_base, tok, v_even, GV), _value_scales(vs_base, tok + 1, v_odd, GV),
                 W, GV, G_PAD, F16)
             acc, v_bias = _quantized_values(pv_even, pv_odd, acc, v_bias, vp_base, vz_base, safe,
-                                            safe[:, None] + 2 * offs_h[None, :], v_even, v_odd,
-                                            D, W, GV, G_PAD, False, F16, ASM)
+                                            tok, v_even, v_odd, D, W, GV, G_PAD, F16, ASM)
         if (complete < n) & (complete >= b0 * BLOCK) & (complete < b1 * BLOCK):
             # the group in progress: 16-bit keys from the residual window, by warp 0
             tok = complete + 2 * offs_h[None, :] + 0 * offs_w[:, None]  # (W, 16) even
@@ -341,7 +333,7 @@ def decode_int4_kernel(
                 W, GV, G_PAD, F16)
             acc, v_bias = _quantized_values(pv_even, pv_odd, acc, v_bias, vp_base, vz_base,
                                             complete + 0 * offs_w, tok, v_even, v_odd, D, W, GV,
-                                            G_PAD, True, F16, ASM)
+                                            G_PAD, F16, ASM)
         # row block gv holds the output of the channels of value group gv
         offs_gv = tl.arange(0, GV)
         own_col = (tl.arange(0, M) // G_PAD)[:, None] == tl.arange(0, 16)[None, :]  # (M, 16)
