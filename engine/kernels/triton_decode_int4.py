@@ -42,9 +42,8 @@ Arithmetic (fp16 tensor cores; fp32 IEEE dots, unbiased codes, when the model is
   reference (attention_quantized_reference.kv_attention_int4) sees them.
 
 Napkin math (Llama-3-8B, 8 KV heads, D = 128, 32k tokens): 8 * 32768 * 152 B = 39.8 MB per layer,
-13.3 us at 3.0 TB/s. SASS of the loop (sm_90, Triton 3.9, G = 4, W = 4): 1102 instructions,
-7.25 per cache byte (1110 with the scores unscaled by a multiply each; 1167 with the key zeros
-converted by I2F; 1174 with P split into parities
+13.3 us at 3.0 TB/s. SASS of the loop (sm_90, Triton 3.9, G = 4, W = 4): 1110 instructions,
+7.30 per cache byte (1167 with the key zeros converted by I2F; 1174 with P split into parities
 after the score dots and the value zero term as (P * z) . ones; 9.3 with the key zero term as a
 lane reduction, 11.8 with the value one too).
 """
@@ -107,23 +106,23 @@ def _key_zero_codes(z, F16: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _key_half(kp_base, tok, qs_even, qs_odd, bias, HALF: tl.constexpr,
+def _key_half(kp_base, tok, qs_even, qs_odd, bias, unscale, HALF: tl.constexpr,
               F16: tl.constexpr, ASM: tl.constexpr):
-    """Scores (W, G_PAD, 16), not yet unscaled, of the complete-group positions tok (W, 16)."""
+    """Scores (W, G_PAD, 16) of the complete-group positions tok (W, 16)."""
     offs_j = tl.arange(0, HALF)
     packed = tl.load(kp_base + tok[:, :, None] * HALF + offs_j[None, None, :])  # (W, 16, D/2)
     k_low, k_high = _key_codes(packed, F16, ASM)
-    return _mma(qs_even, tl.trans(k_low, 0, 2, 1),
-                _mma(qs_odd, tl.trans(k_high, 0, 2, 1), bias, F16), F16)
+    raw = _mma(qs_even, tl.trans(k_low, 0, 2, 1),
+               _mma(qs_odd, tl.trans(k_high, 0, 2, 1), bias, F16), F16)
+    return raw * unscale
 
 
 @triton.jit
 def _quantized_scores(kp_base, ks_base, kz_base, start, tok_even, q_even, q_odd, q_unscale,
                       D: tl.constexpr, W: tl.constexpr, G_PAD: tl.constexpr, F16: tl.constexpr,
                       ASM: tl.constexpr):
-    """Scores of each warp's key group start // 32 (complete) as two (W, G_PAD, 16) halves,
-    positions tok_even (start + 2i) and tok_even + 1, and the (W,) factor taking them to the
-    log2 domain (applied inside the softmax's exp2 argument, one FFMA, not a multiply each)."""
+    """Log2-domain scores of each warp's key group start // 32 (complete) as two (W, G_PAD, 16)
+    halves, positions tok_even (start + 2i) and tok_even + 1."""
     HALF: tl.constexpr = D // 2
     H: tl.constexpr = TOKENS_PER_WARP // 2
     offs_d = tl.arange(0, D)
@@ -147,9 +146,9 @@ def _quantized_scores(kp_base, ks_base, kz_base, start, tok_even, q_even, q_odd,
     zb_odd = tl.broadcast_to(zb_odd[:, :, None], (W, HALF, H))
     bias = _mma(qs_even, zb_even, _mma(qs_odd, zb_odd, tl.zeros((W, G_PAD, H), tl.float32), F16),
                 F16)
-    return (_key_half(kp_base, tok_even, qs_even, qs_odd, bias, HALF, F16, ASM),
-            _key_half(kp_base, tok_even + 1, qs_even, qs_odd, bias, HALF, F16, ASM),
-            q_unscale * f_pow)
+    unscale = (q_unscale * f_pow)[:, None, None]
+    return (_key_half(kp_base, tok_even, qs_even, qs_odd, bias, unscale, HALF, F16, ASM),
+            _key_half(kp_base, tok_even + 1, qs_even, qs_odd, bias, unscale, HALF, F16, ASM))
 
 
 @triton.jit
@@ -165,10 +164,9 @@ def _fp16_scores(k_base, tok, valid, qc, q_unscale, D: tl.constexpr, F16: tl.con
 
 
 @triton.jit
-def _probabilities(s_even, s_odd, unscale, v_even, v_odd, m, l, acc, v_bias, f, vs_even, vs_odd,
+def _probabilities(s_even, s_odd, v_even, v_odd, m, l, acc, v_bias, f, vs_even, vs_odd,
                    W: tl.constexpr, GV: tl.constexpr, G_PAD: tl.constexpr, F16: tl.constexpr):
-    """Online softmax of one step over its even and odd positions, scores (W, G_PAD, 16) each
-    (log2 domain once multiplied by unscale (W,));
+    """Online softmax of one step over its even and odd positions, scores (W, G_PAD, 16) each;
     returns the (W, GV * G_PAD, 16) value-dot rows P * vs * F of each half in the dot dtype, and
     the state with acc, v_bias rescaled to the new max and F. P comes out of the score dots
     already split by position parity, the split the value nibbles need (no shared-memory shuffle).
@@ -177,11 +175,10 @@ def _probabilities(s_even, s_odd, unscale, v_even, v_odd, m, l, acc, v_bias, f, 
     H: tl.constexpr = TOKENS_PER_WARP // 2
     s_even = tl.where(v_even[:, None, :], s_even, float("-inf"))
     s_odd = tl.where(v_odd[:, None, :], s_odd, float("-inf"))
-    u = unscale[:, None]  # (W, 1) > 0: max(s * u) = max(s) * u
-    m_new = tl.maximum(m, tl.maximum(tl.max(s_even, axis=2), tl.max(s_odd, axis=2)) * u)
+    m_new = tl.maximum(m, tl.maximum(tl.max(s_even, axis=2), tl.max(s_odd, axis=2)))
     alpha = tl.math.exp2(m - m_new)  # (W, G_PAD)
-    p_even = tl.math.exp2(s_even * u[:, :, None] - m_new[:, :, None])
-    p_odd = tl.math.exp2(s_odd * u[:, :, None] - m_new[:, :, None])
+    p_even = tl.math.exp2(s_even - m_new[:, :, None])
+    p_odd = tl.math.exp2(s_odd - m_new[:, :, None])
     l = l * alpha + (tl.sum(p_even, axis=2) + tl.sum(p_odd, axis=2))
     m = m_new
     v_max = tl.maximum(tl.max(tl.max(vs_even, axis=2), axis=1), tl.max(tl.max(vs_odd, axis=2),
@@ -268,7 +265,6 @@ def decode_int4_kernel(
         acc = tl.zeros((W, M, D), tl.float32)
         v_bias = tl.zeros((W, M, 16), tl.float32)  # sum of P * (zero of group n - offset), row, n
         f = tl.full((W,), 1.0, tl.float32)
-        ones_w = tl.full((W,), 1.0, tl.float32)  # 16-bit keys' scores come unscaled
         bh64 = bh.to(tl.int64)
         kp_base = kp_ptr + bh64 * stride_kp
         ks_base = ks_ptr + bh64 * stride_kg
@@ -293,8 +289,8 @@ def decode_int4_kernel(
                     ones_even = tl.broadcast_to(tl.where(v_even[:, None, :], 1.0, 0.0), (W, GV, H))
                     ones_odd = tl.broadcast_to(tl.where(v_odd[:, None, :], 1.0, 0.0), (W, GV, H))
                     pv_even, pv_odd, m, l, acc, v_bias, f = _probabilities(
-                        s_even, s_odd, ones_w, v_even, v_odd, m, l, acc, v_bias, f, ones_even,
-                        ones_odd, W, GV, G_PAD, F16)
+                        s_even, s_odd, v_even, v_odd, m, l, acc, v_bias, f, ones_even, ones_odd,
+                        W, GV, G_PAD, F16)
                     v_ptrs = vsink_ptr + sink_base + tok[:, :, None] * D + offs_d[None, None, :]
                     v = tl.load(v_ptrs, mask=v_even[:, :, None], other=0.0)  # (W, 16, D)
                     acc = _mma(pv_even, v.to(pv_even.dtype), acc, F16)
@@ -310,11 +306,11 @@ def decode_int4_kernel(
             # 32): clamp the group index into the filled part instead of masking 16-byte loads;
             # its scores are masked
             safe = tl.where(start < complete, start, 0)
-            s_even, s_odd, unscale = _quantized_scores(kp_base, ks_base, kz_base, safe,
+            s_even, s_odd = _quantized_scores(kp_base, ks_base, kz_base, safe,
                                               safe[:, None] + 2 * offs_h[None, :], q_even, q_odd,
                                               q_unscale, D, W, G_PAD, F16, ASM)
             pv_even, pv_odd, m, l, acc, v_bias, f = _probabilities(
-                s_even, s_odd, unscale, v_even, v_odd, m, l, acc, v_bias, f,
+                s_even, s_odd, v_even, v_odd, m, l, acc, v_bias, f,
                 _value_scales(vs_base, tok, v_even, GV), _value_scales(vs_base, tok + 1, v_odd, GV),
                 W, GV, G_PAD, F16)
             acc, v_bias = _quantized_values(pv_even, pv_odd, acc, v_bias, vp_base, vz_base, safe,
@@ -328,7 +324,7 @@ def decode_int4_kernel(
             s_even = _fp16_scores(kr_base, tok, v_even, q3, q_unscale, D, F16)
             s_odd = _fp16_scores(kr_base, tok + 1, v_odd, q3, q_unscale, D, F16)
             pv_even, pv_odd, m, l, acc, v_bias, f = _probabilities(
-                s_even, s_odd, ones_w, v_even, v_odd, m, l, acc, v_bias, f,
+                s_even, s_odd, v_even, v_odd, m, l, acc, v_bias, f,
                 _value_scales(vs_base, tok, v_even, GV), _value_scales(vs_base, tok + 1, v_odd, GV),
                 W, GV, G_PAD, F16)
             acc, v_bias = _quantized_values(pv_even, pv_odd, acc, v_bias, vp_base, vz_base,
