@@ -20,9 +20,8 @@ Arithmetic (fp16 tensor cores; fp32 IEEE dots, unbiased codes, when the model is
   the zero into one bias per query row, scores = qs . codes - sum_c qs_c (bias_c + z_c), both
   sums over the same fp16-rounded qs. Even channels meet the low nibbles and odd ones the high
   nibbles in two dots of D/2, so no nibble is interleaved. The bias is two more dots, qs against
-  -(bias_c + z_c) broadcast over 16 positions (exact fp16 integers: -(1024 + z) straight from
-  the byte, triton_kv_codes.int4_key_zero_negated, one PRMT per 2; odd channels then + 960),
-  whose result is the key dots' initial accumulator, shared by the even and odd positions' dots;
+  -(bias_c + z_c) broadcast over the group's 32 positions (exact fp16 integers), whose result
+  is the key dots' initial accumulator: 16 HMMA a warp where lane reductions took ~120 SHFL;
 - values: the scale is per (position, 32 channels). The rows of the P.V product are (value
   group gv, query row g), GV * G_PAD of them (16 at D = 128, G = 4: the tensor-core tile's M,
   padded anyway): row (gv, g) holds p[g, s] * vs[s, gv] * F, so row block gv is exact for the
@@ -42,10 +41,10 @@ Arithmetic (fp16 tensor cores; fp32 IEEE dots, unbiased codes, when the model is
   reference (attention_quantized_reference.kv_attention_int4) sees them.
 
 Napkin math (Llama-3-8B, 8 KV heads, D = 128, 32k tokens): 8 * 32768 * 152 B = 39.8 MB per layer,
-13.3 us at 3.0 TB/s. SASS of the loop (sm_90, Triton 3.9, G = 4, W = 4): 1110 instructions,
-7.30 per cache byte (1167 with the key zeros converted by I2F; 1174 with P split into parities
-after the score dots and the value zero term as (P * z) . ones; 9.3 with the key zero term as a
-lane reduction, 11.8 with the value one too).
+13.3 us at 3.0 TB/s. SASS of the loop (sm_90, Triton 3.9, G = 4, W = 4): 1167 instructions,
+7.68 per cache byte (1174 with P split into parities after the score dots and the value zero
+term as (P * z) . ones; 9.3 with the key zero term as a lane reduction, 11.8 with the value one
+too).
 """
 from __future__ import annotations
 
@@ -55,7 +54,7 @@ import triton.language as tl
 from .triton_decode_int8 import load_group_queries, pow2_floor
 from .triton_decode_split import M_INIT, finish, merge_warps, online_softmax, split_range
 from .triton_kv_codes import (INT4_HIGH_BIAS, INT4_LOW_BIAS, int4_biased, int4_centered,
-                              int4_key_zero_negated, int4_zero_centered)
+                              int4_zero_centered)
 
 TOKENS_PER_WARP = tl.constexpr(32)  # one key group (engine.kv_quant.KEY_GROUP)
 
@@ -96,16 +95,6 @@ def _zero_codes(z, F16: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _key_zero_codes(z, F16: tl.constexpr, ASM: tl.constexpr):
-    """uint8 key zero points -> the dot dtype: fp16 -(1024 + z) (the low nibbles' code bias
-    with them), or fp32 -z."""
-    if F16:
-        return int4_key_zero_negated(z, ASM)
-    else:
-        return -z.to(tl.float32)
-
-
-@triton.jit
 def _key_half(kp_base, tok, qs_even, qs_odd, bias, unscale, HALF: tl.constexpr,
               F16: tl.constexpr, ASM: tl.constexpr):
     """Scores (W, G_PAD, 16) of the complete-group positions tok (W, 16)."""
@@ -128,22 +117,23 @@ def _quantized_scores(kp_base, ks_base, kz_base, start, tok_even, q_even, q_odd,
     offs_d = tl.arange(0, D)
     grp = (start // TOKENS_PER_WARP)[:, None] * D + offs_d[None, :]  # (W, D)
     s = tl.load(ks_base + grp).to(tl.float32)
-    z = _key_zero_codes(tl.load(kz_base + grp), F16, ASM)  # -(z + bias of the low nibbles)
+    z = tl.load(kz_base + grp).to(tl.float32)
     s_max = tl.max(s, axis=1)  # (W,)
     f_pow, f_inv = pow2_floor(s_max)
     f_pow = tl.where(s_max > 0, f_pow, 1.0)
     f_inv = tl.where(s_max > 0, f_inv, 1.0)
     s_even, s_odd = tl.split(tl.reshape(s * f_inv[:, None], (W, HALF, 2)))
-    zb_even, zb_odd = tl.split(tl.reshape(z, (W, HALF, 2)))
+    z_even, z_odd = tl.split(tl.reshape(z, (W, HALF, 2)))
     qs_even = q_even[None, :, :] * s_even[:, None, :]  # (W, G_PAD, HALF)
     qs_odd = q_odd[None, :, :] * s_odd[:, None, :]
+    low_bias: tl.constexpr = INT4_LOW_BIAS if F16 else 0.0
+    high_bias: tl.constexpr = INT4_HIGH_BIAS if F16 else 0.0
     if F16:
         qs_even = qs_even.to(tl.float16)
         qs_odd = qs_odd.to(tl.float16)
-        zb_odd += INT4_LOW_BIAS - INT4_HIGH_BIAS  # -(z + 64), exact in fp16
     # the zero term is the same at every position: one (W, G_PAD, 16) start serves both halves
-    zb_even = tl.broadcast_to(zb_even[:, :, None], (W, HALF, H))
-    zb_odd = tl.broadcast_to(zb_odd[:, :, None], (W, HALF, H))
+    zb_even = tl.broadcast_to(-(z_even + low_bias).to(qs_even.dtype)[:, :, None], (W, HALF, H))
+    zb_odd = tl.broadcast_to(-(z_odd + high_bias).to(qs_odd.dtype)[:, :, None], (W, HALF, H))
     bias = _mma(qs_even, zb_even, _mma(qs_odd, zb_odd, tl.zeros((W, G_PAD, H), tl.float32), F16),
                 F16)
     unscale = (q_unscale * f_pow)[:, None, None]

@@ -168,19 +168,3 @@ def int4_zero_centered(x, ASM: tl.constexpr):
             constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
     else:
         return (x.to(tl.int16) - 8).to(tl.float16)
-
-
-@triton.jit
-def int4_key_zero_negated(x, ASM: tl.constexpr):
-    """uint8 key zero points z (0..15, one a byte) -> fp16 -(1024 + z), exact: PRMT puts each
-    byte under the exponent byte 0xE4 (sign set, 1024): one PRMT per 2, where Triton's own
-    conversion takes an I2F per element and an add."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            prmt.b32 $0, $2, 0xE4E4E4E4, 0x5140;
-            prmt.b32 $1, $2, 0xE4E4E4E4, 0x7362;
-            }""",
-            constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
-    else:
-        return (-(x.to(tl.int16) + 1024)).to(tl.float16)
