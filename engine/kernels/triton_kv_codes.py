@@ -148,23 +148,3 @@ def int4_centered(x, ASM: tl.constexpr):
     else:
         return (((x & 15).to(tl.int16) - 8).to(tl.float16),
                 ((x >> 4).to(tl.int16) - 8).to(tl.float16))
-
-
-@triton.jit
-def int4_zero_centered(x, ASM: tl.constexpr):
-    """uint8 zero points z (0..15, one a byte) -> fp16 z - 8, exact: PRMT puts each byte under
-    the exponent byte 0x64 (1024 + z), HADD2 takes 1032 off (one PRMT and one HADD2 per 2, where
-    Triton's own conversion takes an I2F per element)."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 u, c;
-            mov.b32 c, 0x64086408;
-            prmt.b32 u, $2, 0x64646464, 0x5140;
-            sub.f16x2 $0, u, c;
-            prmt.b32 u, $2, 0x64646464, 0x7362;
-            sub.f16x2 $1, u, c;
-            }""",
-            constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
-    else:
-        return (x.to(tl.int16) - 8).to(tl.float16)
