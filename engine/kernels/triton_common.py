@@ -88,6 +88,16 @@ def scratch_matmul(x: torch.Tensor, w16: torch.Tensor, bias: torch.Tensor | None
     return torch.addmm(bias.to(x.dtype), x, w16.t(), out=out)
 
 
+def checked_out(out: torch.Tensor | None, shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A caller's output buffer after checking it fits (contiguous, shape, dtype), or a new one."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if out.shape != shape or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous {tuple(shape)} {dtype}, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    return out
+
+
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # the interpreter: any small grid exercises the split-K path

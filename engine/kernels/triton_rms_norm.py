@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .triton_common import checked_out
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, d_ptr, w_ptr, s_ptr, y_ptr, n, stride_x, stride_d, eps,
@@ -52,15 +54,6 @@ def _num_warps(block: int) -> int:
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
-def _checked_out(out: Tensor | None, shape, dtype: torch.dtype, device) -> Tensor:
-    if out is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if out.shape != shape or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"out must be contiguous {tuple(shape)} {dtype}, got "
-                         f"{tuple(out.shape)} {out.dtype}")
-    return out
-
-
 def _launch(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float, s: Tensor | None,
             y: Tensor) -> None:
     n = x.shape[-1]
@@ -77,7 +70,7 @@ def _launch(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float, s: Tens
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, out: Tensor | None = None) -> Tensor:
     """x (..., N), weight (N,) → weight * x / rms(x) (..., N), into `out` if given."""
-    y = _checked_out(out, x.shape, torch.promote_types(x.dtype, weight.dtype), x.device)
+    y = checked_out(out, x.shape, torch.promote_types(x.dtype, weight.dtype), x.device)
     _launch(x, None, weight.contiguous(), eps, None, y)
     return y
 
@@ -86,7 +79,7 @@ def add_rms_norm(x: Tensor, delta: Tensor, weight: Tensor, eps: float,
                  out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """x, delta (..., N) → (s, rms_norm(s)) with s = x + delta in x's dtype; `out` = (s, y)."""
     s_out, y_out = out if out is not None else (None, None)
-    s = _checked_out(s_out, x.shape, x.dtype, x.device)
-    y = _checked_out(y_out, x.shape, torch.promote_types(x.dtype, weight.dtype), x.device)
+    s = checked_out(s_out, x.shape, x.dtype, x.device)
+    y = checked_out(y_out, x.shape, torch.promote_types(x.dtype, weight.dtype), x.device)
     _launch(x, delta, weight.contiguous(), eps, s, y)
     return s, y

@@ -19,10 +19,11 @@ programs.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .triton_common import checked_out
 
 
 @triton.jit
@@ -94,15 +95,6 @@ def _unit_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _checked_out(out: Tensor | None, shape, dtype: torch.dtype, device) -> Tensor:
-    if out is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if out.shape != shape or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"out must be contiguous {tuple(shape)} {dtype}, got "
-                         f"{tuple(out.shape)} {out.dtype}")
-    return out
-
-
 def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
            out: tuple[Tensor, Tensor] | None = None,
            cache_write: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
@@ -119,8 +111,8 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
     q, k = _unit_stride(q), _unit_stride(k)
     cos, sin = cos.contiguous(), sin.contiguous()
     q_out, k_out = out if out is not None else (None, None)
-    q_out = _checked_out(q_out, (b, t, h, d), q.dtype, q.device)
-    k_out = _checked_out(k_out, (b, t, hkv, d), k.dtype, k.device)
+    q_out = checked_out(q_out, (b, t, h, d), q.dtype, q.device)
+    k_out = checked_out(k_out, (b, t, hkv, d), k.dtype, k.device)
     if cache_write is not None:
         v, k_cache, v_cache, positions = cache_write
         v = _unit_stride(v)
