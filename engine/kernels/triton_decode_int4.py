@@ -47,19 +47,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_decode_int8 import load_group_queries, pow2_floor
+from .triton_decode_int8 import load_group_queries, mma, pow2_floor
 from .triton_decode_split import M_INIT, finish, merge_warps, online_softmax, split_range
 from .triton_kv_codes import INT4_CENTER, INT4_HIGH_BIAS, INT4_LOW_BIAS, int4_biased, int4_centered
 
 TOKENS_PER_WARP = tl.constexpr(32)  # one key group (engine.kv_quant.KEY_GROUP)
-
-
-@triton.jit
-def _mma(a, b, acc, F16: tl.constexpr):
-    if F16:
-        return tl.dot(a, b, acc)
-    else:
-        return tl.dot(a, b, acc, input_precision="ieee")
 
 
 @triton.jit
@@ -108,14 +100,13 @@ def _quantized_scores(kp_base, ks_base, kz_base, start, offs_t, q_even, q_odd, q
                               (W, HALF, TOKENS_PER_WARP))
     zb_odd = tl.broadcast_to(-(z_odd + high_bias).to(qs_odd.dtype)[:, :, None],
                              (W, HALF, TOKENS_PER_WARP))
-    bias = _mma(qs_even, zb_even, _mma(qs_odd, zb_odd,
-                tl.zeros((W, G_PAD, TOKENS_PER_WARP), tl.float32), F16), F16)
+    bias = mma(qs_even, zb_even, mma(qs_odd, zb_odd,
+               tl.zeros((W, G_PAD, TOKENS_PER_WARP), tl.float32), F16), F16)
     tok = start[:, None] + offs_t[None, :]  # (W, 32)
     packed = tl.load(kp_base + tok[:, :, None] * HALF + offs_j[None, None, :])  # (W, 32, D/2)
     k_low, k_high = _key_codes(packed, F16, ASM)
-    raw = _mma(qs_even, tl.trans(k_low, 0, 2, 1),
-               _mma(qs_odd, tl.trans(k_high, 0, 2, 1),
-                    bias, F16), F16)
+    raw = mma(qs_even, tl.trans(k_low, 0, 2, 1),
+              mma(qs_odd, tl.trans(k_high, 0, 2, 1), bias, F16), F16)
     return raw * (q_unscale * f_pow)[:, None, None]
 
 
@@ -126,8 +117,8 @@ def _fp16_scores(k_base, tok, valid, qc, q_unscale, D: tl.constexpr, F16: tl.con
     k = tl.load(k_base + tok[:, :, None] * D + offs_d[None, None, :], mask=valid[:, :, None],
                 other=0.0)  # (W, 32, D)
     dt = k.dtype if F16 else tl.float32
-    raw = _mma(qc.to(dt), tl.trans(k.to(dt), 0, 2, 1),
-               tl.zeros((qc.shape[0], qc.shape[1], TOKENS_PER_WARP), tl.float32), F16)
+    raw = mma(qc.to(dt), tl.trans(k.to(dt), 0, 2, 1),
+              tl.zeros((qc.shape[0], qc.shape[1], TOKENS_PER_WARP), tl.float32), F16)
     return raw * q_unscale
 
 
@@ -170,10 +161,10 @@ def _quantized_values(pv, acc, v_bias, vp_base, vz_base, start, tok, valid, D: t
     # zero accumulator: the truncating HMMA sums 32 terms, not the warp's whole range)
     pz = tl.reshape(pv * z[:, :, None, :].to(pv.dtype), (W, M, TOKENS_PER_WARP))
     ones = tl.full((W, TOKENS_PER_WARP, 16), 1.0, pv.dtype)
-    v_bias += _mma(pz, ones, tl.zeros((W, M, 16), tl.float32), F16)
+    v_bias += mma(pz, ones, tl.zeros((W, M, 16), tl.float32), F16)
     p_even, p_odd = tl.split(tl.reshape(pv, (W, M, TOKENS_PER_WARP // 2, 2)))
-    acc = _mma(p_even, tl.trans(v_even, 0, 2, 1), acc, F16)
-    return _mma(p_odd, tl.trans(v_odd, 0, 2, 1), acc, F16), v_bias
+    acc = mma(p_even, tl.trans(v_even, 0, 2, 1), acc, F16)
+    return mma(p_odd, tl.trans(v_odd, 0, 2, 1), acc, F16), v_bias
 
 
 @triton.jit
@@ -237,7 +228,7 @@ def decode_int4_kernel(
                                                               f, ones, W, GV, G_PAD, F16)
                     v = tl.load(vsink_ptr + sink_base + tok[:, :, None] * D + offs_d[None, None, :],
                                 mask=valid[:, :, None], other=0.0)  # (W, 32, D)
-                    acc = _mma(tl.reshape(pv, (W, M, TW)), v.to(pv.dtype), acc, F16)
+                    acc = mma(tl.reshape(pv, (W, M, TW)), v.to(pv.dtype), acc, F16)
         complete = n // TW * TW  # positions before it: quantized keys, as the newest query sees
         for blk in range(b0, b1):
             start = blk * BLOCK + offs_w * TW  # (W,) first position of each warp

@@ -83,7 +83,8 @@ def _value_codes(x, F16: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, acc, F16: tl.constexpr):
+def mma(a, b, acc, F16: tl.constexpr):
+    """acc + a @ b on the tensor cores: fp16 operands, or fp32 ones in IEEE precision."""
     if F16:
         return tl.dot(a, b, acc)
     else:
@@ -140,8 +141,8 @@ def decode_int8_kernel(
                          + offs_t[None, None, :], mask=inside, other=0)  # (W, D, TW)
             ks = tl.load(ks_ptr + s_base + tok, mask=valid, other=0.0).to(tl.float32)
             vs = tl.load(vs_ptr + s_base + tok, mask=valid, other=0.0).to(tl.float32)
-            raw = _dot(q3, tl.trans(_key_codes(k, F16, ASM), 0, 2, 1),
-                       tl.zeros((W, G_PAD, TW), tl.float32), F16)  # (W, G_PAD, TW)
+            raw = mma(q3, tl.trans(_key_codes(k, F16, ASM), 0, 2, 1),
+                      tl.zeros((W, G_PAD, TW), tl.float32), F16)  # (W, G_PAD, TW)
             scores = (raw - k_bias[None, :, None]) * (ks * q_unscale)[:, None, :]
             p, alpha, m, l = online_softmax(scores, valid[:, None, :], m, l)
             v_max = tl.max(vs, axis=1)  # (W,)
@@ -151,8 +152,8 @@ def decode_int8_kernel(
             pv = p * (vs * f[:, None])[:, None, :]
             if F16:
                 pv = pv.to(tl.float16)
-            acc = _dot(pv, tl.trans(_value_codes(vt, F16, ASM), 0, 2, 1),
-                       acc * rescale[:, :, None], F16)
+            acc = mma(pv, tl.trans(_value_codes(vt, F16, ASM), 0, 2, 1),
+                      acc * rescale[:, :, None], F16)
         acc = acc / f[:, None, None]
         out, m_all, l_all = merge_warps(acc, m, l)
         finish(out, m_all, l_all, bh, sp, nsplit, out_ptr, stride_ob, stride_oh, ws_ptr, ml_ptr,
