@@ -204,3 +204,14 @@ def assert_one_line_error(result, *fragments):
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     for f in fragments:
         assert f in lines[0], lines[0]
+
+
+def cache_test_device_limits() -> None:
+    """Fixed CPU limits written to the device-limits cache (the folder LOWBIT_CACHE names, which
+    the caller sets first), so no test spends seconds measuring them."""
+    from lowbit.engine import device_limits
+    limits = device_limits.DeviceLimits(
+        device_limits.device_name("cpu"), "test", copy_GBps=20.0, matmul_TFLOPs=0.1,
+        matmul_dtype="float32", measured="2025-01-01T00:00:00+00:00")
+    device_limits._write_cache(device_limits.cache_path(),
+                               {device_limits.cache_key("cpu"): limits.__dict__})

@@ -4,7 +4,7 @@ import json
 import click
 import pytest
 from click.testing import CliRunner
-from helpers import tiny_config, write_tiny_llama
+from helpers import cache_test_device_limits, tiny_config, write_tiny_llama
 
 from lowbit.cli.bench import bench
 from lowbit.cli.errors import LowbitGroup
@@ -16,11 +16,7 @@ def cli(tmp_path, monkeypatch):
     """A group holding only `bench` (registration in cli/main.py is the lead's), with cached
     device limits so no test spends seconds measuring them."""
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
-    limits = device_limits.DeviceLimits(
-        device_limits.device_name("cpu"), "test", copy_GBps=20.0, matmul_TFLOPs=0.1,
-        matmul_dtype="float32", measured="2025-01-01T00:00:00+00:00")
-    device_limits._write_cache(device_limits.cache_path(),
-                               {device_limits.cache_key("cpu"): limits.__dict__})
+    cache_test_device_limits()
 
     @click.group(cls=LowbitGroup)
     def group():

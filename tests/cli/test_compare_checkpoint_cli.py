@@ -11,11 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import assert_one_line_error, write_tiny_llama
+from helpers import cache_test_device_limits, assert_one_line_error, write_tiny_llama
 
 from lowbit.cli.compare import compare
 from lowbit.cli.main import cli
-from lowbit.engine import device_limits
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 WORDS = ["news", "fire", "rain", "court", "minister", "market", "team", "storm", "police",
@@ -57,11 +56,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOWBIT_CACHE", str(root / "cache"))
-        limits = device_limits.DeviceLimits(
-            device_limits.device_name("cpu"), "test", copy_GBps=20.0, matmul_TFLOPs=0.1,
-            matmul_dtype="float32", measured="2025-01-01T00:00:00+00:00")
-        device_limits._write_cache(device_limits.cache_path(),
-                                   {device_limits.cache_key("cpu"): limits.__dict__})
+        cache_test_device_limits()
         src = write_tiny_llama(root / "src", dtype=torch.float16)
         calib = write_calibration_text(root / "calib.txt")
         convert(src, root / "int8", "--weights", "int8")

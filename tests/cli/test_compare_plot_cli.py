@@ -4,10 +4,9 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from helpers import write_tiny_llama
+from helpers import cache_test_device_limits, write_tiny_llama
 
 from lowbit.cli.compare import compare, parse_variants
-from lowbit.engine import device_limits
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TEXT = "The quick brown fox jumps over the lazy dog. Quantization saves bandwidth. " * 20
@@ -17,11 +16,7 @@ TEXT = "The quick brown fox jumps over the lazy dog. Quantization saves bandwidt
 def setup(tmp_path, monkeypatch):
     """A tiny model, a text, and cached device limits (no test spends seconds measuring)."""
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
-    limits = device_limits.DeviceLimits(
-        device_limits.device_name("cpu"), "test", copy_GBps=20.0, matmul_TFLOPs=0.1,
-        matmul_dtype="float32", measured="2025-01-01T00:00:00+00:00")
-    device_limits._write_cache(device_limits.cache_path(),
-                               {device_limits.cache_key("cpu"): limits.__dict__})
+    cache_test_device_limits()
     text = tmp_path / "text.txt"
     text.write_text(TEXT, encoding="utf-8")
     return write_tiny_llama(tmp_path / "tiny"), text
