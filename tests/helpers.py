@@ -4,6 +4,7 @@ Import as `from helpers import write_tiny_llama` (tests/conftest.py puts tests/ 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -215,3 +216,15 @@ def cache_test_device_limits() -> None:
         matmul_dtype="float32", measured="2025-01-01T00:00:00+00:00")
     device_limits._write_cache(device_limits.cache_path(),
                                {device_limits.cache_key("cpu"): limits.__dict__})
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one CPU thread inside the block (the previous count restored after): tiny models'
+    thousands of small ops run slower with OpenMP wake-ups on a loaded 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import cache_test_device_limits, assert_one_line_error, write_tiny_llama
+from helpers import one_torch_thread, cache_test_device_limits, assert_one_line_error, write_tiny_llama
 
 from lowbit.cli.compare import compare
 from lowbit.cli.main import cli
@@ -43,10 +43,8 @@ def write_calibration_text(path, n_docs=20, words=60):
 def one_thread():
     """The tiny model runs thousands of small ops (calibration most): on this loaded 2-core
     machine two OpenMP threads made one comparison take 3.7 s of CPU, one thread 0.74 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

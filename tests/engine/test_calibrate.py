@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import tiny_tokenizer, write_tiny_llama
+from helpers import one_torch_thread, tiny_tokenizer, write_tiny_llama
 
 from lowbit.engine.calibrate import CalibrationSettings, calibrate
 from lowbit.engine.tokenizer import Tokenizer
@@ -19,10 +19,8 @@ def one_thread():
     """Calibration runs thousands of small ops; on a loaded 2-core machine two OpenMP threads
     make them ~8x slower (measured: 69 s vs 8 s for this file's tiny model), so these tests run
     single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_config, write_tiny_llama
+from helpers import one_torch_thread, tiny_config, write_tiny_llama
 
 import lowbit.engine.kernels.attention_quantized_reference  # noqa: F401  (registers int8/int4)
 from lowbit.engine.kernels import registry
@@ -25,10 +25,8 @@ DTYPE = torch.float64
 def one_thread():
     """These models are tiny: with 2 threads, thread wake-ups cost 20x the arithmetic (1.3 s of
     CPU vs 0.06 s for 66 int8 decode steps)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with one_torch_thread():
+        yield
 
 
 def load_fp64(path):

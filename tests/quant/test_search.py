@@ -1,5 +1,6 @@
 import pytest
 import torch
+from helpers import one_torch_thread
 
 from lowbit.quant.formats import Int4Weight, Int8Weight
 from lowbit.quant.primitives import QuantizationError
@@ -13,10 +14,8 @@ SHAPES = [(6, 576, 128), (9, 200, 64), (5, 96, 32), (7, 130, 16), (3, 64, 64)]
 def one_thread():
     """Thousands of small tensor ops: on a loaded 2-core machine two OpenMP threads make them
     several times slower than one, so these tests run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def rtn(w, bits, gs, symmetric, scale_dtype):
