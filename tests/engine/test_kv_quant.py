@@ -137,7 +137,7 @@ def naive_int4_attention(q, k, v, t_query, sink):
     """The definition, one query at a time: q (H, D) at position t sees keys 0..t, key s
     quantized per channel over its 32-token group iff s // 32 < (t + 1) // 32; values per token;
     keys and values of the first `sink` positions unquantized."""
-    s_len, d = k.shape[1], k.shape[2]
+    d = k.shape[2]
     keys = k.clone()
     complete = (t_query + 1) // 32
     for g in range(complete):
