@@ -133,6 +133,11 @@ def _kind(cache) -> str:
     raise TypeError(f"no decode attention kernel for {type(cache).__name__}")
 
 
+def _kv_heads(cache) -> int:
+    """Hkv: quantized caches record it; a dense cache's k is (L, B, Hkv, S, D)."""
+    return cache.num_kv_heads if hasattr(cache, "num_kv_heads") else cache.k.shape[2]
+
+
 def launch_plan(q: torch.Tensor, cache, splits: int | None = None,
                 **launch) -> tuple[str, dict, int, int]:
     """(cache kind, launch config = DEFAULTS overridden by `launch`, positions per block, split
@@ -144,9 +149,8 @@ def launch_plan(q: torch.Tensor, cache, splits: int | None = None,
     nw = cfg["num_warps"]
     block = {"dense": lambda: cfg["block_n"], "int8": lambda: nw * cfg["warp_tokens"],
              "int4": lambda: nw * 32}[kind]()
-    hkv = cache.num_kv_heads if hasattr(cache, "num_kv_heads") else cache.k.shape[2]
-    sp = splits or default_splits(q.device, q.shape[0] * hkv, -(-cache.max_seq // block),
-                                  cfg["programs_per_sm"])
+    sp = splits or default_splits(q.device, q.shape[0] * _kv_heads(cache),
+                                  -(-cache.max_seq // block), cfg["programs_per_sm"])
     return kind, cfg, block, sp
 
 
@@ -161,7 +165,7 @@ def decode_attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor
     or 64; int4: always 32, one key group), min_blocks (blocks per split at least)."""
     kind, cfg, _, sp = launch_plan(q, cache, splits, **launch)
     b, h, _, d = q.shape
-    hkv = cache.num_kv_heads if hasattr(cache, "num_kv_heads") else cache.k.shape[2]
+    hkv = _kv_heads(cache)
     g = h // hkv
     g_st = triton.next_power_of_2(g)
     out = torch.empty((b, h, 1, d), device=q.device, dtype=q.dtype)
