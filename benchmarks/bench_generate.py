@@ -52,11 +52,6 @@ def build(config: str, method: str, device):
     return f"{label} (random weights)", model, NAMED_CONFIGS[config]
 
 
-def weight_bytes_per_token(model) -> int:
-    """Bytes one decode token reads from the weights (engine.profile counts them)."""
-    return model_layout(model, "measured").decode_weight_bytes
-
-
 def time_lowbit(model, prompt_ids, new_tokens, kv_bits=16, repeats=3):
     """Stats of `repeats` timed generations after a warm-up, each phase's time the median of
     the runs (one sample of a 30-80 ms prefill varied by 2x between runs of one card)."""
@@ -124,7 +119,7 @@ def main():
     for method in args.methods.split(","):
         label, model, hf_source = build(args.config, method, device)
         torch.cuda.empty_cache()
-        wbytes = weight_bytes_per_token(model)
+        wbytes = model_layout(model, "measured").decode_weight_bytes  # one decode token
         vocab = model.config.vocab_size
         for prompt_len in args.prompt:
             prompt = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()

@@ -47,11 +47,6 @@ BUDGET_BYTES = 24 << 30
 KV_NAMES = {16: "bf16", 8: "int8", 4: "int4"}
 
 
-def weight_bytes_per_token(model) -> int:
-    """Bytes one decode token reads from the weights (engine.profile counts them)."""
-    return model_layout(model, "measured").decode_weight_bytes
-
-
 def kv_read_bytes(cache, context: int) -> float:
     return cache.bytes_per_token * context + getattr(cache, "residual_nbytes", 0)
 
@@ -125,7 +120,7 @@ def main():
     limits = measure_limits()
     rows = []
     model = random_model(cfg, DEVICE, DTYPE, QuantConfig(weight_bits=4, group_size=128))
-    wbytes = weight_bytes_per_token(model)
+    wbytes = model_layout(model, "measured").decode_weight_bytes  # one decode token
     overheads = {}
     contexts = [int(c) for c in args.contexts.split(",")]
     for bits in (16, 8, 4):
