@@ -1,5 +1,5 @@
-"""The "triton" backend of rms_norm, add_rms_norm, rotary (+ the dense cache's update) and
-silu_mul: one launch each.
+"""The "triton" backend of rms_norm, add_rms_norm, rotary_update (rotary + the dense cache's
+update) and silu_mul: one launch each.
 
 Registered with cuda priority 10 (the torch references are 100). On CPU they run only under the
 Triton interpreter (TRITON_INTERPRET=1, tests) and only when forced.
@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from . import registry
-from .elementwise_reference import (check_rms_norm_args, check_rotary_args,
-                                    check_rotary_update_args, check_silu_mul_args)
+from .elementwise_reference import (check_rms_norm_args, check_rotary_update_args,
+                                    check_silu_mul_args)
 
 BACKEND = "triton"
 # One program holds a whole row in registers; beyond this it would spill (Llama 3 405B is 16384).
@@ -73,20 +73,16 @@ def supports_add_rms_norm(x: Tensor, delta: Tensor, weight: Tensor, eps: float) 
     return reason
 
 
-def supports_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> str | None:
-    reason = check_rotary_args(q, k, cos, sin) or _kernel_reason(q)
+def supports_rotary_update(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache,
+                           layer: int, positions: Tensor) -> str | None:
+    reason = (check_rotary_update_args(q, k, v, cos, sin, cache, layer, positions)
+              or _kernel_reason(q))
     if reason is None and cos.shape[-1] > MAX_HEAD_DIM:
         return f"head_dim {cos.shape[-1]} > {MAX_HEAD_DIM}"
     if reason is None and (cos.dtype != q.dtype or sin.dtype != q.dtype):
         # the reference would promote q to cos's dtype; the kernel writes q's
         return f"cos {cos.dtype} and sin {sin.dtype} are not in q's dtype {q.dtype}"
     return reason
-
-
-def supports_rotary_update(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache,
-                           layer: int, positions: Tensor) -> str | None:
-    return (check_rotary_update_args(q, k, v, cos, sin, cache, layer, positions)
-            or supports_rotary(q, k, cos, sin))
 
 
 def _dense_slots(cache, layer: int) -> tuple[Tensor, Tensor] | None:
@@ -121,7 +117,6 @@ def supports_silu_mul(gate_up: Tensor) -> str | None:
 def _register():
     ops = {"rms_norm": (rms_norm, supports_rms_norm),
            "add_rms_norm": (add_rms_norm, supports_add_rms_norm),
-           "rotary": (rotary, supports_rotary),
            "rotary_update": (rotary_update_triton, supports_rotary_update),
            "silu_mul": (silu_mul, supports_silu_mul)}
     for op, (fn, supports) in ops.items():

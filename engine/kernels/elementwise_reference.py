@@ -1,5 +1,5 @@
 """The specification of the model's elementwise ops, and their CPU path: rms_norm, add_rms_norm,
-rotary, silu_mul.
+rotary_update (rotary and the cache write), silu_mul.
 
 Each is the model's torch math verbatim, so CPU results (and the tests against transformers) do
 not depend on the registry. On CUDA each is a chain of small kernels (rms_norm 8: cast, pow,
@@ -117,7 +117,6 @@ registry.register("rms_norm", "reference", rms_norm,
 registry.register("add_rms_norm", "reference", add_rms_norm,
                   supports=lambda x, delta, weight, eps: check_rms_norm_args(x, weight, delta),
                   priority=_EVERYWHERE)
-registry.register("rotary", "reference", rotary, supports=check_rotary_args, priority=_EVERYWHERE)
 registry.register("rotary_update", "reference", rotary_update, supports=check_rotary_update_args,
                   priority=_EVERYWHERE)
 registry.register("silu_mul", "reference", silu_mul, supports=check_silu_mul_args,

@@ -84,12 +84,15 @@ def test_one_rounding_is_closer_to_exact_than_the_reference():
 
 def test_contiguous_separate_projections_and_dispatch():
     """Unfused q_proj/k_proj outputs (contiguous), through the registry with each backend forced."""
-    q, k, _ = (x.contiguous() for x in projected(1, 5, 4, 2, 32, torch.float32, seed=2))
-    cos, sin = cos_sin(4, 2, 32, torch.arange(5), torch.float32)
-    with use_backend("triton"):
-        got = dispatch("rotary", q, k, cos, sin)
-    with use_backend("reference"):
-        want = dispatch("rotary", q, k, cos, sin)
+    q, k, v = (x.contiguous() for x in projected(1, 5, 4, 2, 32, torch.float32, seed=2))
+    positions = torch.arange(5)
+    cos, sin = cos_sin(4, 2, 32, positions, torch.float32)
+    outs = {}
+    for backend in ("triton", "reference"):
+        cache = _cache(16, 4, 2, 32, torch.float32, batch=1)
+        with use_backend(backend):
+            outs[backend] = dispatch("rotary_update", q, k, v, cos, sin, cache, 0, positions)
+    got, want = outs["triton"], outs["reference"]
     for g, w in zip(got, want):
         assert rel_err(g, w) < TOL[torch.float32]
 
