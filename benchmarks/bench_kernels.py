@@ -187,36 +187,31 @@ def bench_methods(weights, m_values, tuned, defaults_too=False) -> tuple[list[di
     return rows, checks
 
 
-_DOT_SMALL = [Plan("dot", 16, 64, num_stages=3), Plan("dot", 16, 64, num_stages=4, waves=8),
-              Plan("dot", 16, 32, num_stages=3)]
-# M=1: the canonical-layout GEMV (the defaults before the plane layout) against the plane-layout
-# GEMV ("planes": block_k is the chunk, W = block_k / codes per word words per plane).
-_GEMV_OLD = [Plan("gemv", 1, 128), Plan("gemv", 1, 64, prefetch=True),
-             Plan("gemv", 1, 64, prefetch=True, waves=8), Plan("gemv", 1, 128, prefetch=True),
-             # no split-K: small layers (a 135M model's 0.3-1.8 MB) are latency-bound
-             Plan("gemv", 1, 64, prefetch=True, split_k=1), Plan("gemv", 1, 32, split_k=1)]
+# the defaults before the tensor-core path, as baselines of each sweep
+_GEMV = [Plan("gemv", 1, 64, prefetch=True, waves=8), Plan("gemv", 1, 128),
+         Plan("gemv", 1, 64, prefetch=True)]
+_DOT = [Plan("dot", 16, 64, num_stages=3)]
+
+
+def _tc(m: int, block_k: int = 128) -> list[Plan]:
+    """Tensor-core decode plans with m activation rows a tile (wgmma's N, 8 or 16)."""
+    return [Plan("tc", m, 128, block_k, num_stages=3), Plan("tc", m, 128, block_k, num_stages=4),
+            Plan("tc", m, 64, block_k, num_stages=3), Plan("tc", m, 64, block_k, num_stages=4, waves=8),
+            Plan("tc", m, 256, block_k, num_warps=8, num_stages=3),
+            Plan("tc", m, 128, block_k, num_stages=3, waves=8),
+            Plan("tc", m, 128, block_k, num_stages=3, waves=2),
+            Plan("tc", m, 128, block_k, num_warps=8, num_stages=3)]
+
+
 SWEEP_PLANS = {
-    "int4": {
-        1: _GEMV_OLD + [Plan("planes", 1, 128, 64), Plan("planes", 1, 256, 64),
-                        Plan("planes", 1, 256, 64, prefetch=True), Plan("planes", 1, 128, 128),
-                        Plan("planes", 1, 128, 64, waves=8), Plan("planes", 1, 64, 128),
-                        Plan("planes", 1, 256, 128)],
-        4: _DOT_SMALL, 16: _DOT_SMALL + [Plan("dot", 16, 128, num_warps=8, num_stages=3)],
-        64: [Plan("dot", 64, 64, num_stages=3), Plan("dot", 64, 64, num_stages=4, waves=8),
-             Plan("dot", 64, 128, num_warps=8, num_stages=3, scale_in_tile=True),
-             Plan("dequant")],
-        512: [Plan("dequant"),
-              Plan("dot", 128, 128, num_warps=8, num_stages=3, scale_in_tile=True)],
-        2048: [Plan("dequant")]},
-    "int8": {
-        1: _GEMV_OLD + [Plan("planes", 1, 256, 32), Plan("planes", 1, 256, 64),
-                        Plan("planes", 1, 128, 64), Plan("planes", 1, 128, 32),
-                        Plan("planes", 1, 256, 64, prefetch=True),
-                        Plan("planes", 1, 256, 32, waves=8), Plan("planes", 1, 512, 64)],
-        4: _DOT_SMALL, 16: _DOT_SMALL + [Plan("dot", 16, 128, num_warps=8, num_stages=3)],
-        64: [Plan("dot", 64, 64, num_stages=3), Plan("dot", 64, 64, num_stages=4, waves=8),
-             Plan("dequant")],
-        512: [Plan("dequant")], 2048: [Plan("dequant")]},
+    "int4": {1: _GEMV + _tc(8), 4: _DOT + _tc(8)[:4], 16: _DOT + _tc(16)[:4],
+             64: [Plan("dot", 64, 64, num_stages=3), Plan("dequant")],
+             512: [Plan("dequant")], 2048: [Plan("dequant")]},
+    "int8": {1: _GEMV + _tc(8) + [Plan("tc", 8, 64, 256, num_stages=3),
+                                  Plan("tc", 8, 128, 64, num_stages=4)],
+             4: _DOT + _tc(8)[:4], 16: _DOT + _tc(16)[:4],
+             64: [Plan("dot", 64, 64, num_stages=3), Plan("dequant")],
+             512: [Plan("dequant")], 2048: [Plan("dequant")]},
 }
 
 

@@ -247,6 +247,8 @@ class Plan:
                    "planes": the same on a load-time plane layout with contiguous activation
                    runs per code plane (triton_gemv_planes.py), 1-2 rows;
                    "dot": fused, weight tiles dequantized in registers feeding tl.dot;
+                   "tc": fused, biased codes from the canonical bytes on the tensor cores with
+                   the activations as wgmma's N (triton_gemv_tc.py), block_m 8 or 16;
                    "dequant": dequantize the layer into the per-device scratch, then cuBLAS.
     block_m/n/k    output tile rows (activations), columns (weights), K per loop step ("planes":
                    block_n is also the row tile of the stored layout, block_k the chunk).
@@ -270,7 +272,7 @@ class Plan:
     prefetch: bool = False
 
     def __post_init__(self):
-        if self.path not in ("gemv", "planes", "dot", "dequant"):
+        if self.path not in ("gemv", "planes", "dot", "tc", "dequant"):
             raise ValueError(f"unknown path {self.path!r}")
 
     def __str__(self) -> str:

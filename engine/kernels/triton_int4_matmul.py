@@ -25,6 +25,7 @@ from .triton_common import (Plan, as_words, dequant_scratch, finish_tile, int4_p
                             load_words, load_x_tile, scratch_matmul, split_launch, unpack_int4,
                             x_in)
 from .triton_gemv_planes import plane_words, planes_matmul, words_per_plane
+from .triton_gemv_tc import tc_matmul
 
 REPACK_KEY = "triton"
 
@@ -218,6 +219,8 @@ def int4_matmul(x: Tensor, weight: Int4Weight, bias: Tensor | None, out: Tensor,
         w = words_per_plane(plan, 4, gs)
         return planes_matmul(x, plane_packed(weight, w, plan.block_n), scales, zeros, 4, gs, n,
                              w, bias, out, plan)
+    if plan.path == "tc":
+        return tc_matmul(x, weight.qweight, scales, zeros, 4, gs, n, bias, out, plan)
     z_arg = scales if zeros is None else zeros  # never read when symmetric
     block_k = min(plan.block_k, gs)
     even_k = k % block_k == 0

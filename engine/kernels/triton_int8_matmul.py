@@ -22,6 +22,7 @@ from .triton_common import (Plan, as_words, dequant_scratch, finish_tile, int8_p
                             load_words, load_x_tile, scratch_matmul, split_launch, unpack_int8,
                             x_in)
 from .triton_gemv_planes import plane_words, planes_matmul, words_per_plane
+from .triton_gemv_tc import tc_matmul
 
 REPACK_KEY = "triton"
 
@@ -200,6 +201,9 @@ def int8_matmul(x: Tensor, weight: Int8Weight, bias: Tensor | None, out: Tensor,
         w = words_per_plane(plan, 8, gs)
         return planes_matmul(x, plane_packed(weight, w, plan.block_n), scales, None, 8, gs, n,
                              w, bias, out, plan)
+    if plan.path == "tc":
+        return tc_matmul(x, weight.qweight.view(torch.uint8), scales, None, 8, gs, n, bias, out,
+                         plan)
     block_k = min(plan.block_k, gs) if gs else plan.block_k
     even_k = k % block_k == 0
     if plan.path == "dequant":

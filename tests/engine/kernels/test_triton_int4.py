@@ -73,6 +73,12 @@ CASES = [
     (48, 204, 64, False, 3, Plan("dot", block_m=16, block_n=32, split_k=2)),
     (48, 96, 64, False, 17, Plan("dot", block_m=16, block_n=32, scale_in_tile=True)),
     (48, 200, 64, True, 5, Plan("dot", block_m=16, block_n=32, split_k=2, scale_in_tile=True)),
+    # tensor cores on the canonical bytes: 8- and 16-row tiles, M past one tile (17), ragged K
+    # (200 / g64: a half chunk; 204 / g32: 12 columns), asymmetric and symmetric, split-K
+    (48, 200, 64, False, 1, Plan("tc", block_m=8, block_n=32, split_k=2)),
+    (48, 204, 32, True, 3, Plan("tc", block_m=8, block_n=16, split_k=1)),
+    (40, 256, 128, False, 17, Plan("tc", block_m=16, block_n=32, block_k=64, split_k=3)),
+    (48, 160, 32, True, 5, Plan("tc", block_m=16, block_n=64)),
     (48, 200, 64, False, 17, Plan("dequant")),
     (48, 204, 32, True, 3, Plan("dequant")),
 ]
@@ -160,9 +166,11 @@ def test_int4_gpu_default_plans(n, k, gs, symmetric, dtype):
                                   Plan("dot", block_m=16, block_n=128, split_k=4),
                                   Plan("dot", block_m=128, block_n=128, num_warps=8,
                                        num_stages=3, scale_in_tile=True),
+                                  Plan("tc", block_m=8, block_n=128, num_stages=3),
+                                  Plan("tc", block_m=16, block_n=64, split_k=4),
                                   Plan("dequant")], ids=str)
 def test_int4_gpu_every_path(plan, dtype):
     torch.manual_seed(7)
     weight = _weight(4096, 4096, 128, False, dtype, device="cuda")
-    m = plan.block_m if plan.path in ("gemv", "planes") else 200
+    m = {"gemv": plan.block_m, "planes": plan.block_m, "tc": plan.block_m - 3}.get(plan.path, 200)
     assert _run(weight, m, dtype, bias=True, plan=plan, device="cuda") < TOL[dtype]

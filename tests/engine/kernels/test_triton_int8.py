@@ -67,6 +67,9 @@ CASES = [
     (48, 202, None, 17, Plan("dot", block_m=16, block_n=32, split_k=3)),
     (48, 200, 64, 3, Plan("dot", block_m=16, block_n=16, split_k=2)),
     (48, 96, 32, 17, Plan("dot", block_m=16, block_n=32, scale_in_tile=True)),
+    (48, 202, None, 1, Plan("tc", block_m=8, block_n=32, block_k=64, split_k=3)),
+    (48, 200, 64, 3, Plan("tc", block_m=8, block_n=16, split_k=1)),
+    (40, 160, 32, 17, Plan("tc", block_m=16, block_n=32, split_k=2)),
     (48, 200, 64, 17, Plan("dequant")),
     (48, 202, None, 3, Plan("dequant")),
 ]
@@ -118,9 +121,11 @@ def test_int8_gpu_default_plans(n, k, gs, dtype):
                                   Plan("dot", block_m=16, block_n=128, split_k=4),
                                   Plan("dot", block_m=128, block_n=128, num_warps=8,
                                        num_stages=3),
+                                  Plan("tc", block_m=8, block_n=128, num_stages=3),
+                                  Plan("tc", block_m=16, block_n=64, split_k=4),
                                   Plan("dequant")], ids=str)
 def test_int8_gpu_every_path(plan, dtype):
     torch.manual_seed(7)
     weight = _weight(4096, 4096, None, dtype, device="cuda")
-    m = plan.block_m if plan.path in ("gemv", "planes") else 200
+    m = {"gemv": plan.block_m, "planes": plan.block_m, "tc": plan.block_m - 3}.get(plan.path, 200)
     assert _run(weight, m, dtype, bias=True, plan=plan, device="cuda") < TOL[dtype]
