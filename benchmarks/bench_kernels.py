@@ -187,29 +187,25 @@ def bench_methods(weights, m_values, tuned, defaults_too=False) -> tuple[list[di
     return rows, checks
 
 
-# the defaults before the tensor-core path, as baselines of each sweep
-_GEMV = [Plan("gemv", 1, 64, prefetch=True, waves=8), Plan("gemv", 1, 128),
-         Plan("gemv", 1, 64, prefetch=True)]
+# the defaults before the tensor-core path (CUDA-core GEMV at M=1, 16-row "dot" tiles above), as
+# baselines, against the tensor-core path: mma.sync on 16 or 32 weight rows (1-2 warps), or
+# wgmma on 64 (4 warps)
+_GEMV = [Plan("gemv", 1, 64, prefetch=True, waves=8)]
 _DOT = [Plan("dot", 16, 64, num_stages=3)]
 
 
-def _tc(m: int, block_k: int = 128) -> list[Plan]:
-    """Tensor-core decode plans with m activation rows a tile (wgmma's N, 8 or 16)."""
-    return [Plan("tc", m, 128, block_k, num_stages=3), Plan("tc", m, 128, block_k, num_stages=4),
-            Plan("tc", m, 64, block_k, num_stages=3), Plan("tc", m, 64, block_k, num_stages=4, waves=8),
-            Plan("tc", m, 256, block_k, num_warps=8, num_stages=3),
-            Plan("tc", m, 128, block_k, num_stages=3, waves=8),
-            Plan("tc", m, 128, block_k, num_stages=3, waves=2),
-            Plan("tc", m, 128, block_k, num_warps=8, num_stages=3)]
+def _tc(m: int) -> list[Plan]:
+    """Tensor-core decode plans with m activation rows a tile (the MMA's N, 8 or 16)."""
+    return [Plan("tc", m, 32, num_warps=2, num_stages=3, waves=8),
+            Plan("tc", m, 16, num_warps=1, num_stages=3, waves=16),
+            Plan("tc", m, 64, num_warps=4, num_stages=4, waves=8)]
 
 
 SWEEP_PLANS = {
-    "int4": {1: _GEMV + _tc(8), 4: _DOT + _tc(8)[:4], 16: _DOT + _tc(16)[:4],
+    "int4": {1: _GEMV + _tc(8), 4: _DOT + _tc(8), 16: _DOT + _tc(16),
              64: [Plan("dot", 64, 64, num_stages=3), Plan("dequant")],
              512: [Plan("dequant")], 2048: [Plan("dequant")]},
-    "int8": {1: _GEMV + _tc(8) + [Plan("tc", 8, 64, 256, num_stages=3),
-                                  Plan("tc", 8, 128, 64, num_stages=4)],
-             4: _DOT + _tc(8)[:4], 16: _DOT + _tc(16)[:4],
+    "int8": {1: _GEMV + _tc(8)[:1], 4: _DOT + _tc(8)[:1], 16: _DOT + _tc(16)[:1],
              64: [Plan("dot", 64, 64, num_stages=3), Plan("dequant")],
              512: [Plan("dequant")], 2048: [Plan("dequant")]},
 }

@@ -179,26 +179,16 @@ def default_plan(m: int, n: int, k: int, group_size: int) -> Plan:
     """Picked per shape class from the H100 sweeps of benchmarks/bench_kernels.py --sweep
     (numbers in benchmarks/NOTES-kernels.md and results/nvidia-h100-80gb-hbm3/sweep.json)."""
     block_k = min(group_size or 128, 128)
-    # H100, M=1, int4 g128 (us per layer shape, 8 rotating copies): 4096x4096 11.2, 1024x4096
-    # 6.9 (n64 + prefetch); 14336x4096 24.4 (n64 + prefetch, 8 programs per SM); 4096x14336 25.3.
-    if m == 1:
-        if block_k < 128:
-            # g64 (us, H100, sweep of 2026-11-27 run 3): 8 programs per SM, n64 + prefetch
-            # 14336x4096 32.9 / 4096x14336 30.8 / 4096x4096 13.9 against 35.9-45.5 / 37.1 / 16.8
-            # for the g128 choices below: with 64-column chunks one program has half the work.
-            return Plan("gemv", block_m=1, block_n=64, block_k=block_k, prefetch=True, waves=8)
-        if n >= 8192:
-            return Plan("gemv", block_m=1, block_n=64, block_k=block_k, prefetch=True, waves=8)
-        if k >= 8192:  # down_proj 4096x14336: 25.3 us vs 26.4 with prefetch
-            return Plan("gemv", block_m=1, block_n=128, block_k=block_k)
-        return Plan("gemv", block_m=1, block_n=64, block_k=block_k, prefetch=True)
-    # M=2..16: the tl.dot path with 16-row tiles beat the 2-row GEMV (22 vs 14 us at 4096x4096,
-    # M=4) and 32/128-column tiles; M<=64: 64-row tiles were within 5% of the best everywhere
-    # and beat dequant+cuBLAS by 2x on the 14336-wide layers. Above that dequant+cuBLAS wins
-    # (4096x4096, M=512: 38 us vs 98 fused; M=2048: 101 us = 681 TFLOP/s vs 253 fused, whose
-    # 128x128 tiles stall near 270 TFLOP/s). M=65..511 was not measured.
+    # M <= 16: the tensor-core path, 2 warps (mma.sync, not wgmma) on 32 weight rows, 3 stages,
+    # 8 programs per SM. H100, int4 g128, us per Llama-3-8B layer (q, k, v, o, gate, up, down;
+    # 4 rotating copies; probe of 2026-11-27, rerun by bench_kernels --sweep into
+    # results/nvidia-h100-80gb-hbm3/sweep.json): M=1 111.1 against 117.9 for the CUDA-core
+    # GEMV (down 23.3 vs 28.1, gate 24.8 vs 24.9); M=4 113.2 against 153.5 for the 16-row
+    # "dot" path; M=16 (16-row tiles) 133.3 against 155.1. 4-warp wgmma tiles of 64 rows: 117.8
+    # at M=1; more stages or 16 programs per SM: slower.
     if m <= 16:
-        return Plan("dot", block_m=16, block_n=64, block_k=block_k, num_stages=3)
+        return Plan("tc", block_m=8 if m <= 8 else 16, block_n=32, block_k=block_k, num_warps=2,
+                    num_stages=3, waves=8)
     if m <= 64:
         return Plan("dot", block_m=64, block_n=64, block_k=block_k, num_stages=3)
     return Plan("dequant")
