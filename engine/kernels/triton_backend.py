@@ -3,8 +3,10 @@
 Registered with cuda priority 10 (the torch reference is 100). On CPU it runs only under the
 Triton interpreter (TRITON_INTERPRET=1, tests) and only when forced: it is never picked there.
 Inside, the number of activation rows M picks the kernel (triton_int4_matmul.default_plan and
-triton_int8_matmul.default_plan): a CUDA-core GEMV for M <= 2, a tl.dot skinny GEMM with
-split-K up to M = 64, and above that the layer dequantized into a reused scratch + cuBLAS.
+triton_int8_matmul.default_plan): int4 takes the tensor-core decode path (biased codes from the
+canonical bytes, triton_gemv_tc.py) up to M = 16, int8 a CUDA-core GEMV at M = 1 and a tl.dot
+skinny GEMM above; both a tl.dot skinny GEMM with split-K up to M = 64, and above that the layer
+dequantized into a reused scratch + cuBLAS.
 """
 from __future__ import annotations
 
