@@ -185,8 +185,13 @@ def default_plan(m: int, n: int, k: int, group_size: int) -> Plan:
     # results/nvidia-h100-80gb-hbm3/sweep.json): M=1 111.1 against 117.9 for the CUDA-core
     # GEMV (down 23.3 vs 28.1, gate 24.8 vs 24.9); M=4 113.2 against 153.5 for the 16-row
     # "dot" path; M=16 (16-row tiles) 133.3 against 155.1. 4-warp wgmma tiles of 64 rows: 117.8
-    # at M=1; more stages or 16 programs per SM: slower.
+    # at M=1 but the best on the 14336-wide layers (H100 bench_kernels --sweep of the same day,
+    # gate 14336x4096: M=1 24.1 vs 24.9, M=16 28.2 vs 30.3); more stages or 16 programs per SM
+    # on 16-row tiles: slower.
     if m <= 16:
+        if n >= 8192:
+            return Plan("tc", block_m=8 if m <= 8 else 16, block_n=64, block_k=block_k,
+                        num_warps=4, num_stages=4, waves=8)
         return Plan("tc", block_m=8 if m <= 8 else 16, block_n=32, block_k=block_k, num_warps=2,
                     num_stages=3, waves=8)
     if m <= 64:
