@@ -54,7 +54,7 @@ def _chunk_dot(q, x, BITS: tl.constexpr, BIAS: tl.constexpr, ASM: tl.constexpr,
 
 
 @triton.jit
-def _tc_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
+def _tc_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
                M, N, K, KB, stride_xm, stride_qn, stride_om, chunks_per_split,
                BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -125,7 +125,7 @@ def tc_matmul(x: Tensor, codes: Tensor, scales: Tensor, zeros: Tensor | None, bi
     tiles, split, per_split, ws, locks = split_launch(plan, m, n, triton.cdiv(k, block_k),
                                                       x.device)
     asm = x.dtype in (torch.float16, torch.bfloat16) and not interpreting()
-    _tc_kernel[(tiles, split)](
+    _tc_matmul_kernel[(tiles, split)](
         x, codes, scales, scales if zeros is None else zeros, out if bias is None else bias,
         out, ws, locks, m, n, k, codes.shape[1], x.stride(0), codes.stride(0), out.stride(0),
         per_split, BITS=bits, GROUP_SIZE=group_size, BLOCK_M=plan.block_m,
