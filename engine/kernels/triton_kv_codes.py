@@ -80,39 +80,50 @@ def int8_signed(x, ASM: tl.constexpr):
 # int4_biased's offsets, exact in fp16 (constexprs: jit code reads them)
 INT4_LOW_BIAS = tl.constexpr(1024.0)
 INT4_HIGH_BIAS = tl.constexpr(64.0)
+# int4_centered's offset: nibbles u come out as u - 8 in [-8, 7]
+INT4_CENTER = tl.constexpr(8.0)
+
+
+def _int4_asm(mask: str, exponent: str, center: str | None) -> tl.constexpr:
+    """Four fp16 codes of one nibble (low: mask 0x000F000F under 1024 = 0x6400; high: mask
+    0x00F000F0 under 64 = 0x5400) from four bytes: PRMT bytes 0, 1 (then 2, 3) to bits 0 and 16,
+    LOP3 (t & mask) | exponent; `center`, the fp16x2 bits of bias + 8, is then taken off."""
+    regs, lines = ".reg .b32 t;", []
+    if center:
+        regs, lines = ".reg .b32 t, u, c;", [f"mov.b32 c, {center};"]
+    for out, selector in ((0, "0x4140"), (1, "0x4342")):
+        lines.append(f"prmt.b32 t, $2, 0, {selector};")
+        if center:
+            lines += [f"lop3.b32 u, t, {mask}, {exponent}, 0xEA;", f"sub.f16x2 ${out}, u, c;"]
+        else:
+            lines.append(f"lop3.b32 ${out}, t, {mask}, {exponent}, 0xEA;")
+    return tl.constexpr("{\n" + "\n".join([regs] + lines) + "\n}")
+
+
+INT4_LOW_ASM = _int4_asm("0x000F000F", "0x64006400", None)
+INT4_HIGH_ASM = _int4_asm("0x00F000F0", "0x54005400", None)
+INT4_LOW_CENTERED_ASM = _int4_asm("0x000F000F", "0x64006400", "0x64086408")  # 1032
+INT4_HIGH_CENTERED_ASM = _int4_asm("0x00F000F0", "0x54005400", "0x54805480")  # 72
+
+
+@triton.jit
+def _int4_asm_pair(x, LOW: tl.constexpr, HIGH: tl.constexpr):
+    """The two asm calls of one byte tensor; ptxas computes their shared PRMTs once."""
+    low = tl.inline_asm_elementwise(asm=LOW.value, constraints="=r,=r,r", args=[x],
+                                    dtype=tl.float16, is_pure=True, pack=4)
+    high = tl.inline_asm_elementwise(asm=HIGH.value, constraints="=r,=r,r", args=[x],
+                                     dtype=tl.float16, is_pure=True, pack=4)
+    return low, high
 
 
 @triton.jit
 def int4_biased(x, ASM: tl.constexpr):
-    """uint8 bytes (two nibbles) -> (fp16 1024 + low nibble, fp16 64 + high nibble), exact; two
-    asm calls whose shared PRMTs ptxas computes once."""
+    """uint8 bytes (two nibbles) -> (fp16 1024 + low nibble, fp16 64 + high nibble), exact."""
     if ASM:
-        low = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t;
-            prmt.b32 t, $2, 0, 0x4140;
-            lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA;
-            prmt.b32 t, $2, 0, 0x4342;
-            lop3.b32 $1, t, 0x000F000F, 0x64006400, 0xEA;
-            }""",
-            constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
-        high = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t;
-            prmt.b32 t, $2, 0, 0x4140;
-            lop3.b32 $0, t, 0x00F000F0, 0x54005400, 0xEA;
-            prmt.b32 t, $2, 0, 0x4342;
-            lop3.b32 $1, t, 0x00F000F0, 0x54005400, 0xEA;
-            }""",
-            constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
-        return low, high
+        return _int4_asm_pair(x, INT4_LOW_ASM, INT4_HIGH_ASM)
     else:
         return (((x & 15).to(tl.int16) + 1024).to(tl.float16),
                 ((x >> 4).to(tl.int16) + 64).to(tl.float16))
-
-
-# int4_centered's offset: nibbles u come out as u - 8 in [-8, 7]
-INT4_CENTER = tl.constexpr(8.0)
 
 
 @triton.jit
@@ -120,31 +131,7 @@ def int4_centered(x, ASM: tl.constexpr):
     """uint8 bytes -> (fp16 low nibble - 8, fp16 high nibble - 8), exact: int4_biased, then
     1032 = 0x6408 and 72 = 0x5480 taken off in fp16 (one HADD2 per 2 codes)."""
     if ASM:
-        low = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t, u, c;
-            mov.b32 c, 0x64086408;
-            prmt.b32 t, $2, 0, 0x4140;
-            lop3.b32 u, t, 0x000F000F, 0x64006400, 0xEA;
-            sub.f16x2 $0, u, c;
-            prmt.b32 t, $2, 0, 0x4342;
-            lop3.b32 u, t, 0x000F000F, 0x64006400, 0xEA;
-            sub.f16x2 $1, u, c;
-            }""",
-            constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
-        high = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t, u, c;
-            mov.b32 c, 0x54805480;
-            prmt.b32 t, $2, 0, 0x4140;
-            lop3.b32 u, t, 0x00F000F0, 0x54005400, 0xEA;
-            sub.f16x2 $0, u, c;
-            prmt.b32 t, $2, 0, 0x4342;
-            lop3.b32 u, t, 0x00F000F0, 0x54005400, 0xEA;
-            sub.f16x2 $1, u, c;
-            }""",
-            constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
-        return low, high
+        return _int4_asm_pair(x, INT4_LOW_CENTERED_ASM, INT4_HIGH_CENTERED_ASM)
     else:
         return (((x & 15).to(tl.int16) - 8).to(tl.float16),
                 ((x >> 4).to(tl.int16) - 8).to(tl.float16))
