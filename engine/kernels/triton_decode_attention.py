@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import buffer, interpreting
+from .triton_common import buffer, interpreting, num_sms
 from .triton_decode_int4 import decode_int4_kernel
 from .triton_decode_int8 import decode_int8_kernel
 from .triton_decode_split import LOG2E, M_INIT, finish, merge_chunk, online_softmax, split_range
@@ -85,12 +85,6 @@ def _decode_dense_kernel(
                HKV, G, G_PAD, G_ST, D, SPLITS, SPLITS_P2, CHUNK)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: a few splits exercise the merge
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 # Launch defaults per cache kind. programs_per_sm: how many programs an SM holds at once
 # (registers): the split count fills the GPU once at long contexts. min_blocks: blocks of
 # positions (block_n dense, num_warps * warp_tokens int8, num_warps * 32 int4) a split takes at
@@ -112,7 +106,8 @@ def default_splits(device: torch.device, batch_heads: int, max_blocks: int,
     """About enough programs to fill every SM once at long contexts (132 SMs, 8 KV heads, 2
     programs per SM: 32 splits), a power of two (the merge pads the split count to one: 66
     splits took 90.6 us at 32k against 74.8 for 64), never more than the cache has blocks."""
-    want = max(1, -(-programs_per_sm * _num_sms(device) // batch_heads))
+    # 4 SMs under the interpreter: a few splits exercise the merge
+    want = max(1, -(-programs_per_sm * num_sms(device, interpreted=4) // batch_heads))
     fit = max(1, min(want, 128, max_blocks))
     return 1 << (fit.bit_length() - 1)
 
