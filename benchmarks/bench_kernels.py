@@ -130,14 +130,20 @@ def randn(*shape: int) -> torch.Tensor:
     return torch.randn(*shape, device="cuda", dtype=DTYPE, generator=_gen)
 
 
-def random_weights(layers: int) -> list[dict[str, torch.Tensor]]:
-    return [{name: randn(n, k) * 0.02 for name, n, k in LINEARS} for _ in range(layers)]
+def random_weights(layers: int, linears) -> list[dict[str, torch.Tensor]]:
+    """Per layer {name: bf16 (N, K)} for `linears` [(name, N, K)]."""
+    return [{name: randn(n, k) * 0.02 for name, n, k in linears} for _ in range(layers)]
 
 
-def inputs(layers: int, m: int) -> list[dict[int, torch.Tensor]]:
+def layer_linears(weights) -> list[tuple[str, int, int]]:
+    """[(name, N, K)] of one layer of random_weights."""
+    return [(name, *w.shape) for name, w in weights[0].items()]
+
+
+def inputs(layers: int, m: int, linears) -> list[dict[int, torch.Tensor]]:
     """Per layer, one activation per input width (4096, 14336 for Llama-3-8B): rotated with the
     weights."""
-    return [{k: randn(m, k) for k in {k for _, _, k in LINEARS}} for _ in range(layers)]
+    return [{k: randn(m, k) for k in {k for _, _, k in linears}} for _ in range(layers)]
 
 
 def check_method(method: Method, w: torch.Tensor, state) -> float:
@@ -152,28 +158,29 @@ def bench_methods(weights, m_values, tuned, defaults_too=False) -> tuple[list[di
     layers = len(weights)
     rows, checks = [], {}
     bf16_us = {}
-    first = LINEARS[0][0]
+    linears = layer_linears(weights)
+    first = linears[0][0]
     for method in methods(tuned, defaults_too):
         try:
-            states = [{name: method.prepare(w[name]) for name, _, _ in LINEARS} for w in weights]
+            states = [{name: method.prepare(w[name]) for name, _, _ in linears} for w in weights]
             checks[method.name] = round(check_method(method, weights[0][first],
                                                      states[0][first]), 4)
         except Exception as e:  # a baseline that cannot take these shapes is a result too
             print(f"{method.name}: {type(e).__name__}: {str(e)[:160]}")
             continue
-        weight_bytes = sum(method.nbytes(states[0][name]) for name, _, _ in LINEARS)
+        weight_bytes = sum(method.nbytes(states[0][name]) for name, _, _ in linears)
         for m in m_values:
-            xs = inputs(layers, m)
+            xs = inputs(layers, m, linears)
 
             def run_all():
                 for layer, x in zip(states, xs):
-                    for name, _, k in LINEARS:
+                    for name, _, k in linears:
                         method.run(x[k], layer[name])
 
             us, graphed = graph_bench_us(run_all)
             us /= layers
-            act_bytes = sum(m * k * 2 for _, _, k in LINEARS)
-            flops = sum(2 * m * n * k for _, n, k in LINEARS)
+            act_bytes = sum(m * k * 2 for _, _, k in linears)
+            flops = sum(2 * m * n * k for _, n, k in linears)
             if method.name == "bf16-cublas":
                 bf16_us[m] = us
             rows.append({"bench": "linear", "method": method.name, "M": m, "us": round(us, 2),
@@ -225,7 +232,7 @@ def sweep(weights, m_values) -> tuple[list[dict], dict]:
     formats = {"int4-g128": lambda w: Int4Weight.quantize(w, 128, symmetric=False),
                "int4-g64": lambda w: Int4Weight.quantize(w, 64, symmetric=False),
                "int8": lambda w: Int8Weight.quantize(w, None)}
-    shapes = {(n, k): name for name, n, k in LINEARS}  # k and v share a shape
+    shapes = {(n, k): name for name, n, k in layer_linears(weights)}  # k and v share a shape
     rows, best = [], {}
     for fmt, quantize in formats.items():
         for (n, k), name in shapes.items():
@@ -267,7 +274,6 @@ def engine_linears(config: str) -> list[tuple[str, int, int]]:
 
 
 def main():
-    global LINEARS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="directory for the JSON (default benchmarks/results/<card>)")
     ap.add_argument("--m", default=",".join(map(str, M_VALUES)))
@@ -281,14 +287,13 @@ def main():
     ap.add_argument("--config", default=None,
                     help="time this named config's fused layer linears instead of Llama-3-8B's 7")
     args = ap.parse_args()
-    if args.config:
-        LINEARS = engine_linears(args.config)
+    linears = engine_linears(args.config) if args.config else LINEARS
     if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("bench_kernels needs CUDA and the Triton compiler (TRITON_INTERPRET unset)")
     m_values = [int(v) for v in args.m.split(",")]
     limits = measure_limits()
     print(f"limits: {limits}")
-    weights = random_weights(args.layers)
+    weights = random_weights(args.layers, linears)
     tuned = {}
     if args.sweep:
         sweep_rows, tuned = sweep(weights[:args.sweep_layers], m_values)
@@ -304,7 +309,7 @@ def main():
              for fmt, t in tuned.items()}
     path = write_results(args.name, rows, limits, args.out, checks_rel_err=checks,
                          lowbit_plans=plans or "default_plan")
-    print(f"\nrelative error vs bf16 ({LINEARS[0][0]}, M=8): {checks}")
+    print(f"\nrelative error vs bf16 ({linears[0][0]}, M=8): {checks}")
     print(f"wrote {path}\n")
     print(format_table(rows, ["method", "M", "us", "GBps", "TFLOPs", "speedup_vs_bf16"]))
 
