@@ -4,15 +4,15 @@ out (M, N) = x (M, K) @ dequant(W).T, read straight from the canonical bytes (no
 int4 qweight (N, K/2) uint8, byte j = u[2j] | u[2j + 1] << 4; int8 qweight (N, K) viewed as
 uint8. Per K-chunk of BLOCK_K columns (within one scale group) a program of BLOCK_N weight rows:
   - Triton streams the chunk's bytes through shared memory with cp.async (num_stages deep) and
-    loads them into the registers of the wgmma A operand;
+    loads them into the registers of the MMA's A operand (mma.sync with 1-2 warps, wgmma with 4);
   - bytes become biased 16-bit codes, BIAS + nibble (triton_weight_codes.nibble_codes, ~1
     instruction a code); int4: the low nibbles (even k) meet x[:, 0::2], the high ones x[:, 1::2];
     int8 (s + 128 = 16 h + l): both meet x, the high nibbles' dot weighted 16 in fp32;
   - part (BLOCK_N, BLOCK_M) = those dots from a zero accumulator; the chunk's true sum is
     part - (BIAS + z) * sum(x) for int4 (z the row's zero, 8 when symmetric), and
     part - (BIAS + 16 BIAS + 128) * sum(x) for int8, taken in fp32 and scaled by the group's scale.
-BLOCK_M is 8 or 16: wgmma's N, so one activation row costs 8x its tensor-core work, which at
-~1 GFLOP a Llama-3-8B layer is still ~2 us of an H100's 990 TFLOP/s beside ~37 us of bytes.
+BLOCK_M is 8 or 16, the MMA's N: one activation row costs 8x its tensor-core work, 8 x 0.44 =
+3.5 GFLOP a Llama-3-8B layer, ~4 us of an H100's 990 dense TFLOP/s beside ~37 us of bytes.
 
 Why biased codes are exact enough: a chunk's dot sums at most BLOCK_K products (BIAS + u) x,
 each exact in fp32 (8 x 8 significant bits); the H100's tensor cores truncate each k-step's
@@ -21,9 +21,14 @@ with BIAS = 128 and |u - z| ~ 4.6 loses ~2^-23 x 30 of the signal a step, ~8 ste
 ~3e-5, against bf16's 2^-9 output rounding. The fp32 subtraction cancels ~5 bits more. Each
 chunk starts from zero, so the loss does not grow with K.
 
-Instructions a code (offline SASS, sm_90, Triton 3.9, BLOCK_N 128, BLOCK_K 128, BLOCK_M 8):
-~2.6 here (LOP3 0.5, LDS 0.37, PRMT 0.31, SHF 0.25, the rest loop and epilogue) against ~5.5
-for the CUDA-core GEMV (triton_int4_matmul._gemv_chunk: LOP3, FADD, FFMA and reductions).
+Instructions a code (offline SASS, sm_90, Triton 3.9, int4, BLOCK_K 128, BLOCK_M 8): ~2.7 with
+4 warps of wgmma on 128 rows (LOP3 0.5, LDS 0.37, PRMT 0.31, SHF 0.25, the rest loop and
+epilogue), ~4.9 with 2 warps of mma.sync on 32 rows (the register shuffles of its operands),
+against ~5.5 for the CUDA-core GEMV (triton_int4_matmul._gemv_chunk). Yet the 2-warp tiles are
+the faster (H100: 11.5 against 13.4 us on a 4096x4096 layer at M=1), and neither reaches the
+~2.2 TB/s a Triton kernel streaming the same tiles without arithmetic gets
+(benchmarks/bench_tile_stream.py): instructions are not what bounds them
+(benchmarks/NOTES-kernels.md).
 """
 from __future__ import annotations
 
