@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ import triton
 import triton.language as tl
 
 _buffers: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+_logged_plans: set[tuple] = set()
+logger = logging.getLogger("lowbit.kernels")
 
 
 def interpreting() -> bool:
@@ -284,3 +287,12 @@ class Plan:
         extra = (",sit" if self.scale_in_tile else "") + (",pf" if self.prefetch else "")
         return (f"{self.path}(m{self.block_m},n{self.block_n},k{self.block_k},split{split},"
                 f"w{self.num_warps},s{self.num_stages}{extra})")
+
+
+def log_plan(kind: str, n: int, k: int, plan: Plan) -> None:
+    """Log (INFO, once per layer shape and plan) the kernel default_plan picked, so `lowbit -v`
+    says which path each quantized linear takes."""
+    key = (kind, n, k, plan)
+    if key not in _logged_plans:
+        _logged_plans.add(key)
+        logger.info("dequant_matmul %s %dx%d: %s", kind, n, k, plan)

@@ -95,8 +95,8 @@ def _tc_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, loc
             q = tl.load(q_ptrs + c * BYTES, mask=n_mask[:, None], other=0)
             x = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
         else:  # past K: bytes give codes of BIAS, x gives 0, so they add nothing
-            q = tl.load(q_ptrs + c * BYTES, mask=n_mask[:, None] & (c * BYTES + offs_b < KB)[None, :],
-                        other=0)
+            q = tl.load(q_ptrs + c * BYTES,
+                        mask=n_mask[:, None] & (c * BYTES + offs_b < KB)[None, :], other=0)
             x = tl.load(x_ptrs + k0, mask=m_mask[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
         part = _chunk_dot(q, x, BITS, BIAS, ASM, DOT_PRECISION)
         x_sum = tl.sum(x.to(tl.float32), axis=1)  # (BLOCK_M,)

@@ -22,8 +22,8 @@ from torch import Tensor
 from lowbit.quant.formats import Int4Weight
 
 from .triton_common import (Plan, as_words, dequant_scratch, finish_tile, int4_plane,
-                            load_words, load_x_tile, scratch_matmul, split_launch, unpack_int4,
-                            x_in)
+                            load_words, load_x_tile, log_plan, scratch_matmul, split_launch,
+                            unpack_int4, x_in)
 from .triton_gemv_planes import plane_words, planes_matmul, words_per_plane
 from .triton_gemv_tc import tc_matmul
 
@@ -205,7 +205,9 @@ def int4_matmul(x: Tensor, weight: Int4Weight, bias: Tensor | None, out: Tensor,
     m, k = x.shape
     n = weight.out_features
     gs = weight.group_size
-    plan = plan or default_plan(m, n, k, gs)
+    if plan is None:
+        plan = default_plan(m, n, k, gs)
+        log_plan("int4", n, k, plan)
     if plan.path == "gemv" and plan.block_m not in (1, 2):
         raise ValueError(f"the gemv path takes 1 or 2 rows per program, not {plan.block_m}")
     p = packed(weight)

@@ -19,8 +19,8 @@ from torch import Tensor
 from lowbit.quant.formats import Int8Weight
 
 from .triton_common import (Plan, as_words, dequant_scratch, finish_tile, int8_plane,
-                            load_words, load_x_tile, scratch_matmul, split_launch, unpack_int8,
-                            x_in)
+                            load_words, load_x_tile, log_plan, scratch_matmul, split_launch,
+                            unpack_int8, x_in)
 from .triton_gemv_planes import plane_words, planes_matmul, words_per_plane
 from .triton_gemv_tc import tc_matmul
 
@@ -192,7 +192,9 @@ def int8_matmul(x: Tensor, weight: Int8Weight, bias: Tensor | None, out: Tensor,
     m, k = x.shape
     n = weight.out_features
     gs = weight.group_size if weight.group_size and weight.group_size < k else 0
-    plan = plan or default_plan(m, n, k, gs or None)
+    if plan is None:
+        plan = default_plan(m, n, k, gs or None)
+        log_plan("int8", n, k, plan)
     if plan.path == "gemv" and plan.block_m not in (1, 2):
         raise ValueError(f"the gemv path takes 1 or 2 rows per program, not {plan.block_m}")
     p = packed(weight)

@@ -92,6 +92,18 @@ def test_int4_kernels_match_reference(n, k, gs, symmetric, m, plan, dtype):
     assert _run(weight, m, dtype, bias=m % 2 == 1, plan=plan) < TOL[dtype]
 
 
+def test_default_plan_is_logged_once_per_shape(caplog):
+    """`lowbit -v` shows which kernel each quantized linear takes (tensor cores at M=1)."""
+    torch.manual_seed(4)
+    weight = _weight(40, 96, 32, True, torch.float16)
+    with caplog.at_level("INFO", logger="lowbit.kernels"):
+        for _ in range(2):
+            int4_matmul(torch.randn(1, 96, dtype=torch.float16), weight, None,
+                        torch.empty(1, 40, dtype=torch.float16))
+    lines = [r.getMessage() for r in caplog.records if "40x96" in r.getMessage()]
+    assert lines == ["dequant_matmul int4 40x96: tc(m8,n32,k32,splitauto8,w2,s3)"]
+
+
 def test_split_k_counters_reset_between_calls():
     """The last program of a tile resets its counter; a stale one would skip the reduction."""
     torch.manual_seed(1)
