@@ -18,8 +18,8 @@ Per two bytes (four codes): one PRMT spreading bytes 0 and 1 to bits 0 and 16, t
 OR the exponent), one shift: 1 instruction a code, against ~3 for mask, I2F and scale.
 
 int8 bytes are nibble pairs too: s + 128 = 16 h + l with h, l in [0, 15] (one XOR of the sign
-bit), so sum(s x) = sum(l x) + 16 sum(h x) - 128 sum(x), two tensor-core dots per chunk on the
-same activations (x and 16 x). bf16 cannot hold s + 128 in one code (8 significant bits are
+bit), so sum(s x) = sum(l x) + 16 sum(h x) - 128 sum(x): two tensor-core dots per chunk on the
+same activations, the high nibbles' result weighted 16 in fp32. bf16 cannot hold s + 128 in one code (8 significant bits are
 needed with a bias); fp16 could, but one converter for both dtypes keeps one kernel path.
 
 Element order: with pack=2 Triton hands each asm call two consecutive elements of a thread's
