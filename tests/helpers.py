@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -228,3 +230,18 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def rel_err(got, want) -> float:
+    """Relative Frobenius error in fp64; a non-finite output fails outright."""
+    assert torch.isfinite(got).all()
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+def triton_gpu_only():
+    """skipif mark for tests of compiled Triton kernels: CUDA, with TRITON_INTERPRET unset or 0.
+    A function, not a module constant: it must read the variable after the test module's own
+    `os.environ.setdefault("TRITON_INTERPRET", "1")`."""
+    return pytest.mark.skipif(not torch.cuda.is_available()
+                              or os.environ.get("TRITON_INTERPRET") == "1",
+                              reason="needs CUDA with TRITON_INTERPRET unset or 0")

@@ -11,10 +11,10 @@ import torch  # noqa: E402
 pytest.importorskip("triton", reason="triton is not installed")
 
 from lowbit.engine.kernels import registry  # noqa: E402
-from lowbit.engine.kernels.triton_common import interpreting  # noqa: E402
 from lowbit.engine.kv_cache import create_cache  # noqa: E402
 from lowbit.engine.random_model import random_model  # noqa: E402
 from lowbit.quant.architecture import ModelConfig  # noqa: E402
+from helpers import rel_err, triton_gpu_only  # noqa: E402
 
 FUSED_OPS = ("rms_norm", "add_rms_norm", "rotary_update", "silu_mul")
 
@@ -70,13 +70,8 @@ def test_carried_residual_equals_layer_by_layer():
 
 
 
-def rel_err(got, want):
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
-                    reason="needs CUDA with TRITON_INTERPRET unset or 0")
+@triton_gpu_only()
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_llama3_layers_triton_and_graph(dtype):
     """Two Llama-3-8B-shaped layers (vocab cut to 4096) on CUDA. Against the fp32 model, the

@@ -1,6 +1,4 @@
-"""Shared by the decode-attention tests: tiny model configs and the error measure."""
-import torch
-
+"""Shared by the decode-attention tests: tiny model configs (errors: helpers.rel_err)."""
 from lowbit.quant.architecture import ModelConfig
 
 
@@ -13,9 +11,3 @@ def config(heads, kv_heads, head_dim, window=None, layers=2):
     if window is not None:
         hf.update(model_type="mistral", sliding_window=window)
     return ModelConfig.from_hf(hf)
-
-
-def rel_err(got, ref):
-    """Relative Frobenius error in fp64; a non-finite output fails outright."""
-    assert torch.isfinite(got).all()
-    return ((got.double() - ref.double()).norm() / ref.double().norm()).item()

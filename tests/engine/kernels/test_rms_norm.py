@@ -14,8 +14,8 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from lowbit.engine.kernels import elementwise_reference as ref  # noqa: E402
 from lowbit.engine.kernels import dispatch, use_backend  # noqa: E402
-from lowbit.engine.kernels.triton_common import interpreting  # noqa: E402
 from lowbit.engine.kernels.triton_rms_norm import add_rms_norm, rms_norm  # noqa: E402
+from helpers import rel_err, triton_gpu_only  # noqa: E402
 
 # relative Frobenius error of the kernel against the reference: the fp32 statistics differ only in
 # summation order and rsqrt's last bits, which flips an occasional 16-bit rounding of the output
@@ -24,13 +24,7 @@ from lowbit.engine.kernels.triton_rms_norm import add_rms_norm, rms_norm  # noqa
 TOL = {torch.float32: 1e-6, torch.float16: 2.5e-4, torch.bfloat16: 2e-3}
 EPS = 1e-5
 
-on_gpu = pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
-                            reason="needs CUDA with TRITON_INTERPRET unset or 0")
-
-
-def rel_err(got, want):
-    assert torch.isfinite(got).all()
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+on_gpu = triton_gpu_only()
 
 
 def inputs(shape, dtype, device="cpu", seed=0, weight_dtype=None):

@@ -15,24 +15,18 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from lowbit.engine.kernels import elementwise_reference as ref  # noqa: E402
 from lowbit.engine.kernels import dispatch, use_backend  # noqa: E402
-from lowbit.engine.kernels.triton_common import interpreting  # noqa: E402
 from lowbit.engine.kernels.triton_rotary import rotary  # noqa: E402
 from lowbit.engine.kv_cache import create_cache  # noqa: E402
 from lowbit.engine.rope import Rotary  # noqa: E402
 from lowbit.quant.architecture import ModelConfig  # noqa: E402
+from helpers import rel_err, triton_gpu_only  # noqa: E402
 
 # relative Frobenius error against the reference, which rounds three times in 16-bit where the
 # kernel rounds once. Measured worst (interpreter, the shapes below plus 32/8/128): fp32 0,
 # fp16 3.9e-4; bf16 has 3 fewer mantissa bits (x8).
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
-on_gpu = pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
-                            reason="needs CUDA with TRITON_INTERPRET unset or 0")
-
-
-def rel_err(got, want):
-    assert torch.isfinite(got).all()
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+on_gpu = triton_gpu_only()
 
 
 def cos_sin(heads, kv_heads, head_dim, positions, dtype):

@@ -14,21 +14,15 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from lowbit.engine.kernels import elementwise_reference as ref  # noqa: E402
 from lowbit.engine.kernels import dispatch, use_backend  # noqa: E402
-from lowbit.engine.kernels.triton_common import interpreting  # noqa: E402
 from lowbit.engine.kernels.triton_silu_mul import silu_mul  # noqa: E402
+from helpers import rel_err, triton_gpu_only  # noqa: E402
 
 # relative Frobenius error against the reference (same two roundings; exp's last bits differ).
 # Measured worst (interpreter, these shapes and (64, 2*14336)): fp32 2.8e-8, fp16 3.2e-6.
 # The 16-bit bounds are a quarter of an ulp (2^-10 fp16, 2^-7 bf16), relative.
 TOL = {torch.float32: 1e-6, torch.float16: 2.5e-4, torch.bfloat16: 2e-3}
 
-on_gpu = pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
-                            reason="needs CUDA with TRITON_INTERPRET unset or 0")
-
-
-def rel_err(got, want):
-    assert torch.isfinite(got).all()
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+on_gpu = triton_gpu_only()
 
 
 def gate_up(shape, dtype, device="cpu", seed=0):

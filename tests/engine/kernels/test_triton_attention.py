@@ -19,22 +19,22 @@ from lowbit.engine.kernels.attention_backend import kv_attention_triton, support
 from lowbit.engine.kernels.attention_quantized_reference import exact_decode_attention  # noqa: E402
 from lowbit.engine.kernels.attention_reference import (grouped_attention,  # noqa: E402
                                                        kv_attention_reference, visibility_mask)
-from lowbit.engine.kernels.triton_common import buffer, interpreting  # noqa: E402
+from lowbit.engine.kernels.triton_common import buffer  # noqa: E402
 from lowbit.engine.kernels.triton_decode_attention import decode_attention  # noqa: E402
 from lowbit.engine.kernels.triton_decode_split import split_plan  # noqa: E402
 from lowbit.engine.kernels.triton_kv_update import decode_write  # noqa: E402
 from lowbit.engine.kv_cache import DenseKVCache  # noqa: E402
 from lowbit.engine.kv_quant import Int4KVCache, Int8KVCache  # noqa: E402
-from attention_cases import config, rel_err  # noqa: E402
+from attention_cases import config  # noqa: E402
 from tensor_core_rounding import tensor_core_rounding  # noqa: E402
+from helpers import rel_err, triton_gpu_only  # noqa: E402
 
 # relative Frobenius error bounds of the kernel against the reference on the same cache bytes:
 # fp32 runs IEEE dots; fp16/bf16 round q, probabilities and dequantized values to 11 / 8 bits.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 KINDS = {"dense": DenseKVCache, "int8": Int8KVCache, "int4": Int4KVCache}
 
-on_gpu = pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
-                            reason="needs CUDA with TRITON_INTERPRET unset or 0")
+on_gpu = triton_gpu_only()
 
 
 def filled_cache(kind, cfg, batch, n, max_seq, dtype, device="cpu", layer=1, seed=0):

@@ -17,7 +17,8 @@ from lowbit.engine.kernels.triton_common import buffer  # noqa: E402
 from lowbit.engine.kernels.triton_decode_attention import decode_attention  # noqa: E402
 from lowbit.engine.kernels.triton_kv_update import decode_write  # noqa: E402
 from lowbit.engine.kv_quant import Int4KVCache  # noqa: E402
-from attention_cases import config, rel_err  # noqa: E402
+from attention_cases import config  # noqa: E402
+from helpers import rel_err, triton_gpu_only  # noqa: E402
 
 # relative Frobenius error against the reference on the same cache bytes: fp32 runs IEEE dots;
 # fp16 rounds q * key scale, the probabilities and the 16-bit keys to 11 bits.
@@ -149,9 +150,7 @@ def test_int4_write_equals_torch_update(sink):
 
 # ---- GPU (device run): Llama-3-8B shape, bf16, the benchmark's launch variants ----
 
-on_gpu = pytest.mark.skipif(not torch.cuda.is_available()
-                            or os.environ.get("TRITON_INTERPRET") == "1",
-                            reason="needs CUDA with TRITON_INTERPRET unset or 0")
+on_gpu = triton_gpu_only()
 
 
 @pytest.mark.gpu

@@ -14,7 +14,8 @@ from lowbit.engine.kernels.attention_reference import (grouped_attention,  # noq
 from lowbit.engine.kernels.triton_common import buffer  # noqa: E402
 from lowbit.engine.kernels.triton_decode_attention import decode_attention  # noqa: E402
 from lowbit.engine.kv_quant import Int8KVCache  # noqa: E402
-from attention_cases import config, rel_err  # noqa: E402
+from attention_cases import config  # noqa: E402
+from helpers import rel_err, triton_gpu_only  # noqa: E402
 
 # relative Frobenius error against the reference on the same cache bytes: fp32 runs IEEE dots;
 # fp16 rounds the reference's dequantized K/V and probabilities to 11 bits.
@@ -105,8 +106,7 @@ def test_int8_decode_large_and_tiny_scales(q_size):
 # ---- GPU (device run): Llama-3-8B shape, bf16, the benchmark's launch variants ----
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="needs CUDA with TRITON_INTERPRET unset or 0")
+@triton_gpu_only()
 # 32k and 128k: test_triton_attention.test_gpu_decode_long_context_accuracy (fp64 reference,
 # the dense kernel's tolerance)
 @pytest.mark.parametrize("n", [1, 63, 4097])

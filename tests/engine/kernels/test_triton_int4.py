@@ -15,16 +15,16 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from lowbit.engine.kernels import registry  # noqa: E402
 from lowbit.engine.kernels.triton_backend import dequant_matmul, supports  # noqa: E402
-from lowbit.engine.kernels.triton_common import Plan, interpreting  # noqa: E402
+from lowbit.engine.kernels.triton_common import Plan  # noqa: E402
 from lowbit.engine.kernels.triton_int4_matmul import int4_matmul  # noqa: E402
 from lowbit.quant.formats import Int4Weight  # noqa: E402
+from helpers import triton_gpu_only  # noqa: E402
 
 # relative Frobenius error bounds: fp32 runs exact codes through an IEEE dot; fp16 rounds the
 # output (and, with scale_in_tile, each weight) to 11 bits; bf16 to 8 bits.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
-on_gpu = pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
-                            reason="needs CUDA with TRITON_INTERPRET unset or 0")
+on_gpu = triton_gpu_only()
 
 
 def _weight(n, k, gs, symmetric, dtype, device="cpu"):

@@ -13,11 +13,10 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton", reason="triton is not installed")
 import triton.language as tl  # noqa: E402
 
-from lowbit.engine.kernels.triton_common import interpreting  # noqa: E402
 from lowbit.engine.kernels.triton_weight_codes import code_bias, nibble_codes  # noqa: E402
+from helpers import triton_gpu_only  # noqa: E402
 
-on_gpu = pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
-                            reason="needs CUDA with TRITON_INTERPRET unset or 0")
+on_gpu = triton_gpu_only()
 
 
 @triton.jit
