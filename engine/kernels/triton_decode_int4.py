@@ -55,19 +55,14 @@ TOKENS_PER_WARP = tl.constexpr(32)  # one key group (engine.kv_quant.KEY_GROUP)
 
 
 @triton.jit
-def _key_codes(x, F16: tl.constexpr, ASM: tl.constexpr):
-    """bytes -> (low, high) nibble codes in the dot dtype: biased fp16, or plain fp32 u."""
+def _nibble_codes(x, CENTERED: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
+    """bytes -> (low, high) nibble codes in the dot dtype: fp16 u - 8 (CENTERED, values) or
+    biased fp16 (keys), or plain fp32 u."""
     if F16:
-        return int4_biased(x, ASM)
-    else:
-        return (x & 15).to(tl.float32), (x >> 4).to(tl.float32)
-
-
-@triton.jit
-def _value_codes(x, F16: tl.constexpr, ASM: tl.constexpr):
-    """bytes -> (low, high) nibble codes in the dot dtype: fp16 u - 8, or plain fp32 u."""
-    if F16:
-        return int4_centered(x, ASM)
+        if CENTERED:
+            return int4_centered(x, ASM)
+        else:
+            return int4_biased(x, ASM)
     else:
         return (x & 15).to(tl.float32), (x >> 4).to(tl.float32)
 
@@ -104,7 +99,7 @@ def _quantized_scores(kp_base, ks_base, kz_base, start, offs_t, q_even, q_odd, q
                tl.zeros((W, G_PAD, TOKENS_PER_WARP), tl.float32), F16), F16)
     tok = start[:, None] + offs_t[None, :]  # (W, 32)
     packed = tl.load(kp_base + tok[:, :, None] * HALF + offs_j[None, None, :])  # (W, 32, D/2)
-    k_low, k_high = _key_codes(packed, F16, ASM)
+    k_low, k_high = _nibble_codes(packed, False, F16, ASM)
     raw = mma(qs_even, tl.trans(k_low, 0, 2, 1),
               mma(qs_odd, tl.trans(k_high, 0, 2, 1), bias, F16), F16)
     return raw * (q_unscale * f_pow)[:, None, None]
@@ -152,7 +147,7 @@ def _quantized_values(pv, acc, v_bias, vp_base, vz_base, start, tok, valid, D: t
     tile = tl.multiple_of((start // TOKENS_PER_WARP) * (D * TOKENS_PER_WARP // 2), 16)
     packed = tl.load(vp_base + tile[:, None, None] + offs_d[None, :, None] * 16
                      + offs_j[None, None, :])  # (W, D, 16)
-    v_even, v_odd = _value_codes(packed, F16, ASM)  # positions 2j, 2j + 1
+    v_even, v_odd = _nibble_codes(packed, True, F16, ASM)  # positions 2j, 2j + 1
     z = tl.load(vz_base + tok[:, None, :] * GV + offs_gv[None, :, None], mask=valid[:, None, :],
                 other=0).to(tl.float32)  # (W, GV, 32)
     if F16:
