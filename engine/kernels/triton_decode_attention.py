@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import buffer, interpreting, num_sms
+from .triton_common import await_inputs, buffer, interpreting, num_sms, pdl_options
 from .triton_decode_int4 import decode_int4_kernel
 from .triton_decode_int8 import decode_int8_kernel
 from .triton_decode_split import LOG2E, M_INIT, finish, merge_chunk, online_softmax, split_range
@@ -52,9 +52,10 @@ def _decode_dense_kernel(
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, G_ST: tl.constexpr,
         D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
         CHUNK: tl.constexpr, MIN_BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        IEEE: tl.constexpr):
+        IEEE: tl.constexpr, PDL: tl.constexpr):
     """Dense cache of one layer: k, v (B*Hkv, S, D) in the model dtype, (batch, head) stride
     stride_kvh."""
+    await_inputs(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b0, b1, lo, n, nsplit = split_range(pos_ptr, window, sp, BLOCK_N, SPLITS, HAS_WINDOW,
@@ -173,7 +174,7 @@ def decode_attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor
     common = dict(HKV=hkv, G=g, G_ST=g_st, D=d, SPLITS=sp, SPLITS_P2=sp2,
                   CHUNK=merge_chunk(sp2, g_st, d, nw), MIN_BLOCKS=cfg["min_blocks"],
                   HAS_WINDOW=window is not None,
-                  num_warps=nw, num_stages=cfg["num_stages"])
+                  num_warps=nw, num_stages=cfg["num_stages"], **pdl_options(q.device))
     grid = (b * hkv, sp)
     win = 0 if window is None else int(window)
     head = (q, out, positions)

@@ -47,6 +47,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_common import await_inputs
 from .triton_decode_int8 import load_group_queries, mma, pow2_floor
 from .triton_decode_split import M_INIT, finish, merge_warps, online_softmax, split_range
 from .triton_kv_codes import INT4_CENTER, INT4_HIGH_BIAS, INT4_LOW_BIAS, int4_biased, int4_centered
@@ -178,7 +179,9 @@ def decode_int4_kernel(
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, G_ST: tl.constexpr,
         D: tl.constexpr, W: tl.constexpr, GV: tl.constexpr, SINK: tl.constexpr,
         SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr,
-        MIN_BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
+        MIN_BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr,
+        PDL: tl.constexpr):
+    await_inputs(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     TW: tl.constexpr = TOKENS_PER_WARP

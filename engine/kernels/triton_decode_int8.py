@@ -35,6 +35,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_common import await_inputs
 from .triton_decode_split import M_INIT, finish, merge_warps, online_softmax, split_range
 from .triton_kv_codes import INT8_BIAS, int8_biased, int8_signed
 
@@ -99,7 +100,8 @@ def decode_int8_kernel(
         D: tl.constexpr, TW: tl.constexpr, W: tl.constexpr, VT: tl.constexpr,
         SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr,
         MIN_BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr, F16: tl.constexpr,
-        ASM: tl.constexpr):
+        ASM: tl.constexpr, PDL: tl.constexpr):
+    await_inputs(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     BLOCK: tl.constexpr = W * TW

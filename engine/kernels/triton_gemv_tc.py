@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import Plan, finish_tile, interpreting, split_launch
+from .triton_common import (Plan, await_inputs, finish_tile, interpreting, pdl_options,
+                            split_launch)
 from .triton_weight_codes import code_bias, nibble_codes
 
 
@@ -64,7 +65,8 @@ def _tc_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, loc
                BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-               BIAS: tl.constexpr, ASM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               BIAS: tl.constexpr, ASM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               PDL: tl.constexpr):
     """Program (tile, pid_k): out[m-tile, n-tile] over K-chunks [pid_k * chunks_per_split, ...).
     s (G, N) scales, z (G, N) uint8 zeros (int4 asymmetric); GROUP_SIZE 0: one scale per row."""
     pid = tl.program_id(0)
@@ -87,6 +89,7 @@ def _tc_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, loc
 
     c_start = pid_k * chunks_per_split
     c_end = tl.minimum(c_start + chunks_per_split, tl.cdiv(K, BLOCK_K))
+    await_inputs(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     x_total = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for c in range(c_start, c_end):
@@ -137,5 +140,5 @@ def tc_matmul(x: Tensor, codes: Tensor, scales: Tensor, zeros: Tensor | None, bi
         BLOCK_N=plan.block_n, BLOCK_K=block_k, SPLIT_K=split, SYMMETRIC=zeros is None,
         HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BIAS=code_bias(x.dtype),
         ASM=asm, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=plan.num_warps, num_stages=plan.num_stages)
+        num_warps=plan.num_warps, num_stages=plan.num_stages, **pdl_options(x.device))
     return out

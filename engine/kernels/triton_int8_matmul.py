@@ -18,9 +18,9 @@ from torch import Tensor
 
 from lowbit.quant.formats import Int8Weight
 
-from .triton_common import (Plan, as_words, dequant_scratch, finish_tile, int8_plane,
-                            load_words, load_x_tile, log_plan, scratch_matmul, split_launch,
-                            unpack_int8, x_in)
+from .triton_common import (Plan, as_words, await_inputs, dequant_scratch, finish_tile,
+                            int8_plane, load_words, load_x_tile, log_plan, pdl_options,
+                            scratch_matmul, split_launch, unpack_int8, x_in)
 from .triton_gemv_planes import plane_words, planes_matmul, words_per_plane
 from .triton_gemv_tc import tc_matmul
 
@@ -62,7 +62,7 @@ def _int8_matmul_kernel(
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
         USE_DOT: tl.constexpr, SCALE_IN_TILE: tl.constexpr, EVEN_K: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
     """Like the int4 kernel. GROUP_SIZE 0 means per-channel: the whole K sum is scaled once at
     the end; otherwise BLOCK_K divides GROUP_SIZE and each chunk's partial is scaled."""
     pid = tl.program_id(0)
@@ -83,8 +83,9 @@ def _int8_matmul_kernel(
     c_start = pid_k * chunks_per_split
     c_end = tl.minimum(c_start + chunks_per_split, tl.cdiv(K, BLOCK_K))
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    if PREFETCH:
+    if PREFETCH:  # weights only: may run before the kernel before has finished
         ahead = load_words(w_ptrs, c_start, c_end, n_mask, offs_w, stride_wn, EVEN_K)
+    await_inputs(PDL)
     for c in range(c_start, c_end):
         k0 = c * BLOCK_K
         if PREFETCH:
@@ -225,5 +226,5 @@ def int8_matmul(x: Tensor, weight: Int8Weight, bias: Tensor | None, out: Tensor,
         SCALE_IN_TILE=plan.scale_in_tile, EVEN_K=even_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         PREFETCH=plan.prefetch and plan.path == "gemv", num_warps=plan.num_warps,
-        num_stages=plan.num_stages)
+        num_stages=plan.num_stages, **pdl_options(x.device))
     return out

@@ -21,6 +21,8 @@ import torch
 try:
     import triton
     import triton.language as tl
+
+    from .triton_common import await_inputs, pdl_options
     _missing = None
 except ImportError as e:  # triton is optional: the caches then keep their torch update
     _missing = f"triton is not importable ({e})"
@@ -53,8 +55,10 @@ if _missing is None:
     @triton.jit
     def _int8_write_kernel(k_ptr, v_ptr, pos_ptr, kq_ptr, vq_ptr, ks_ptr, vs_ptr,
                            stride_kb, stride_kh, stride_vb, stride_vh, S, stride_vqh,
-                           HKV: tl.constexpr, D: tl.constexpr, VT: tl.constexpr):
+                           HKV: tl.constexpr, D: tl.constexpr, VT: tl.constexpr,
+                           PDL: tl.constexpr):
         """Keys (B*Hkv, S, D); values (B*Hkv, S/VT, D, VT) with bh stride stride_vqh."""
+        await_inputs(PDL)
         bh = tl.program_id(0)
         b = bh // HKV
         h = bh % HKV
@@ -91,10 +95,11 @@ if _missing is None:
                            stride_kb, stride_kh, stride_vb, stride_vh,
                            stride_kp, stride_kg, stride_kr, stride_vp, stride_vg, stride_sink,
                            HKV: tl.constexpr, D: tl.constexpr, GV: tl.constexpr,
-                           SINK: tl.constexpr):
+                           SINK: tl.constexpr, PDL: tl.constexpr):
         """Values: the row viewed as (GV, 32), one group of 32 channels a row, stored into the
         tile (D, 16) of pos // 32. Keys: the residual window (32 tokens, D), one group of 32
         tokens per channel. Sinks (SINK > 0): (SINK, D) rows per (batch, head)."""
+        await_inputs(PDL)
         bh = tl.program_id(0)
         b = bh // HKV
         h = bh % HKV
@@ -163,7 +168,8 @@ def decode_write(cache, layer: int, positions: torch.Tensor, k: torch.Tensor,
         _int8_write_kernel[grid](
             k, v, positions, cache.k[layer], cache.v[layer], cache.k_scale[layer],
             cache.v_scale[layer], k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            cache.max_seq, cache.v.stride(2), HKV=hkv, D=d, VT=cache.v.shape[-1], num_warps=1)
+            cache.max_seq, cache.v.stride(2), HKV=hkv, D=d, VT=cache.v.shape[-1], num_warps=1,
+            **pdl_options(k.device))
     elif isinstance(cache, Int4KVCache):
         kp, ks, kz = cache.k_packed[layer], cache.k_scale[layer], cache.k_zero[layer]
         kr, vp = cache.k_residual[layer], cache.v_packed[layer]
@@ -174,7 +180,7 @@ def decode_write(cache, layer: int, positions: torch.Tensor, k: torch.Tensor,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             kp.stride(1), ks.stride(1), kr.stride(1), vp.stride(1), vs.stride(1),
             k_sink.stride(1), HKV=hkv, D=d, GV=vs.shape[-1], SINK=cache.sink_tokens,
-            num_warps=4)
+            num_warps=4, **pdl_options(k.device))
     else:
         raise TypeError(f"no sync-free decode write for {type(cache).__name__}")
 

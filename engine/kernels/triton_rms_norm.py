@@ -22,15 +22,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import checked_out
+from .triton_common import await_inputs, checked_out, pdl_options
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, d_ptr, w_ptr, s_ptr, y_ptr, n, stride_x, stride_d, eps,
-                     ADD: tl.constexpr, BLOCK: tl.constexpr):
+                     ADD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # a weight: may precede the wait
+    await_inputs(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if ADD:
         d = tl.load(d_ptr + row * stride_d + cols, mask=mask, other=0.0)
@@ -39,7 +41,6 @@ def _rms_norm_kernel(x_ptr, d_ptr, w_ptr, s_ptr, y_ptr, n, stride_x, stride_d, e
     h = x.to(tl.float32)
     mean_sq = tl.sum(h * h, axis=0) / n
     h = (h * tl.rsqrt(mean_sq + eps)).to(x_ptr.dtype.element_ty)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     y = w.to(tl.float32) * h.to(tl.float32)
     tl.store(y_ptr + row * n + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -65,7 +66,7 @@ def _launch(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float, s: Tens
     block = triton.next_power_of_2(n)
     _rms_norm_kernel[(rows,)](x2, d2, weight, y if s is None else s, y, n, x2.stride(0),
                               d2.stride(0), eps, ADD=delta is not None, BLOCK=block,
-                              num_warps=_num_warps(block))
+                              num_warps=_num_warps(block), **pdl_options(x.device))
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, out: Tensor | None = None) -> Tensor:

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import checked_out
+from .triton_common import await_inputs, checked_out, pdl_options
 
 
 @triton.jit
@@ -61,7 +61,8 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, T, H, HKV,
                    stride_qb, stride_qt, stride_kb, stride_kt, stride_ct,
                    v_ptr, stride_vb, stride_vt, pos_ptr, kc_ptr, vc_ptr, stride_cb, stride_ch,
                    HALF: tl.constexpr, H_P: tl.constexpr, HKV_P: tl.constexpr,
-                   BLOCK: tl.constexpr, WRITE_CACHE: tl.constexpr):
+                   BLOCK: tl.constexpr, WRITE_CACHE: tl.constexpr, PDL: tl.constexpr):
+    await_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)  # b * T + t
     b = row // T
     t = row % T
@@ -127,5 +128,5 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
             q, k, cos, sin, q_out, k_out, t, h, hkv, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), cos.stride(0), *cache_args, HALF=half, H_P=h_p,
             HKV_P=triton.next_power_of_2(hkv), BLOCK=block, WRITE_CACHE=cache_write is not None,
-            num_warps=_num_warps(h_p * block))
+            num_warps=_num_warps(h_p * block), **pdl_options(q.device))
     return q_out.transpose(1, 2), k_out.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)

@@ -19,11 +19,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .triton_common import await_inputs, pdl_options
+
 BLOCK = 1024
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    await_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -49,5 +52,5 @@ def silu_mul(gate_up: Tensor, out: Tensor | None = None) -> Tensor:
         gu = gu.contiguous()
     if gu.shape[0] and inter:
         _silu_mul_kernel[(gu.shape[0], triton.cdiv(inter, BLOCK))](
-            gu, out, inter, gu.stride(0), BLOCK=BLOCK, num_warps=4)
+            gu, out, inter, gu.stride(0), BLOCK=BLOCK, num_warps=4, **pdl_options(gu.device))
     return out
