@@ -296,19 +296,21 @@ def build(fn, pointers, consts, num_warps=4):
 
 ws = {"pos_ptr": "i64", "ws_ptr": "fp32", "ml_ptr": "fp32", "lock_ptr": "i32"}
 split = dict(HKV=8, G=4, G_ST=4, D=128, SPLITS=48, SPLITS_P2=64, CHUNK=8, HAS_WINDOW=True)
-build(A._decode_dense_kernel, ws, dict(split, G_PAD=16, BLOCK_N=64, IEEE=False))
+build(A._decode_dense_kernel, ws, dict(split, G_PAD=16, BLOCK_N=64, IEEE=False, PDL=True))
 for warps, tw in ((4, 64), (2, 32)):
     build(I8.decode_int8_kernel, dict(ws, k_ptr="i8", v_ptr="i8", ks_ptr="fp16", vs_ptr="fp16"),
-          dict(split, G_PAD=4, TW=tw, W=warps, VT=64, F16=True, ASM=True), num_warps=warps)
+          dict(split, G_PAD=4, TW=tw, W=warps, VT=64, F16=True, ASM=True, PDL=True),
+          num_warps=warps)
 for warps, sink in ((4, 0), (2, 4)):
     build(I4.decode_int4_kernel, dict(ws, kp_ptr="u8", ks_ptr="fp16", kz_ptr="u8", vp_ptr="u8",
                                       vs_ptr="fp16", vz_ptr="u8"),
-          dict(split, G_PAD=4, W=warps, GV=4, SINK=sink, F16=True, ASM=True), num_warps=warps)
+          dict(split, G_PAD=4, W=warps, GV=4, SINK=sink, F16=True, ASM=True, PDL=True),
+          num_warps=warps)
 build(U._int8_write_kernel, {"pos_ptr": "i64", "kq_ptr": "i8", "vq_ptr": "i8", "ks_ptr": "fp16",
-                             "vs_ptr": "fp16"}, dict(HKV=8, D=128, VT=64))
+                             "vs_ptr": "fp16"}, dict(HKV=8, D=128, VT=64, PDL=True))
 build(U._int4_write_kernel, {"pos_ptr": "i64", "kp_ptr": "u8", "ks_ptr": "fp16", "kz_ptr": "u8",
                              "vp_ptr": "u8", "vs_ptr": "fp16", "vz_ptr": "u8"},
-      dict(HKV=8, D=128, GV=4, SINK=4))
+      dict(HKV=8, D=128, GV=4, SINK=4, PDL=True))
 print("compiled")
 """
 
