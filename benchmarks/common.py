@@ -91,14 +91,22 @@ def measure_limits() -> dict[str, float]:
 
 
 def run_header(limits) -> dict:
-    """{card, commit, date, torch, limits} for a results file written by hand; `limits` is a
-    dict or an object with copy_GBps and matmul_TFLOPs attributes."""
+    """{card, commit, date, torch, limits, pdl} for a results file written by hand; `limits` is
+    a dict or an object with copy_GBps and matmul_TFLOPs attributes; pdl: whether the Triton
+    kernels were launched with programmatic dependent launch (LOWBIT_PDL)."""
     if not isinstance(limits, dict):
         limits = {"copy_GBps": limits.copy_GBps, "matmul_TFLOPs": limits.matmul_TFLOPs}
     card = card_name() if torch.cuda.is_available() else "cpu"
     return {"card": card, "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "limits": limits}
+            "torch": torch.__version__, "limits": limits, "pdl": _pdl()}
+
+
+def _pdl() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    from lowbit.engine.kernels.triton_common import pdl_options
+    return pdl_options(torch.device("cuda"))["PDL"]
 
 
 def results_path(name: str, card: str | None = None) -> Path:
