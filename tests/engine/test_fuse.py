@@ -45,3 +45,28 @@ def test_mixed_formats_stay_unfused(tmp_path):
     attn = loaded.model.model.layers[0].self_attn
     assert hasattr(attn, "v_proj") and not hasattr(attn, "qkv_proj")
     assert attn.v_proj.bits == 8
+
+
+@pytest.mark.parametrize("case", ["int4-asym", "int8"])
+def test_fused_away_projections_are_freed_at_once(case):
+    """The q/k/v and gate/up layers that fusing replaces go with their last reference, not at
+    the next cycle collection: a QuantizedLinear held in a cycle kept ~2.3 GB of Llama-3-8B
+    int4 projections on the GPU after loading until the collector ran."""
+    import gc
+
+    from lowbit.engine.random_model import random_model
+    from lowbit.quant.architecture import ModelConfig
+    from helpers import tiny_config
+    gc.collect()
+    gc.disable()
+    try:
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        model = random_model(ModelConfig.from_hf(tiny_config()), torch.device("cpu"),
+                             torch.float32, CASES[case])
+        gc.collect()
+        stranded = [o for o in gc.garbage if isinstance(o, QuantizedLinear)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert hasattr(model.model.layers[0].self_attn, "qkv_proj") and stranded == []
