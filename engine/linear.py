@@ -88,6 +88,9 @@ class QuantizedLinear(nn.Module):
     def weight_format(self) -> Int4Weight | Int8Weight:
         key = self._buffers_key()
         if self._format is None or self._format_key != key:
+            if self.scales.is_cuda:
+                self._group_major()
+                key = self._buffers_key()
             tensors = {"qweight": self.qweight, "scales": self.scales}
             if self.zeros is not None:
                 tensors["zeros"] = self.zeros
@@ -95,6 +98,15 @@ class QuantizedLinear(nn.Module):
                                                          self.in_features, self.symmetric)
             self._format_key = key
         return self._format
+
+    def _group_major(self) -> None:
+        """Hold scales and zeros (N, G) in group-major storage (strides (1, N)), the layout the
+        CUDA kernels read ((G, N) contiguous, one group's N scales side by side): their
+        transposes are then views, not a second copy (0.18 GB for Llama-3-8B int4 g128)."""
+        for name in ("scales", "zeros"):
+            t = getattr(self, name)
+            if t is not None and t.shape[1] > 1 and t.stride(1) == 1:
+                setattr(self, name, t.t().contiguous().t())
 
     @property
     def nbytes(self) -> int:

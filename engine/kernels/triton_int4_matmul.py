@@ -4,7 +4,8 @@ Kernel layout (built once per weight and cached in `weight.repacked["triton"]`):
   words   int32 (N, KW), KW = ceil(K / 8): nibble i (bits 4i..4i+3) of words[n, j] is u[n, 8j + i].
           This is the canonical qweight (N, K/2) uint8 reinterpreted, little-endian: a view, no
           copy, when K % 8 == 0 (a zero-padded copy otherwise).
-  scales  (G, N) in the stored dtype: transposed so one group's N scales are contiguous.
+  scales  (G, N) in the stored dtype: transposed so one group's N scales are contiguous (a view,
+          no copy, of the group-major scales a CUDA QuantizedLinear holds: engine/linear.py).
   zeros   (G, N) uint8, transposed likewise; None when symmetric (z = 8).
 
 Napkin math, Llama-3-8B q_proj (N = K = 4096, group 128) at M = 1: the kernel must read

@@ -4,7 +4,7 @@ Kernel layout (built once per weight and cached in `weight.repacked["triton"]`):
   words   int32 (N, KW), KW = ceil(K / 4): byte i of words[n, j] is q[n, 4j + i] (int8). The
           canonical qweight (N, K) int8 reinterpreted: a view when K % 4 == 0, else a padded copy.
   scales  (G, N) in the stored dtype (G = 1 when per-channel), transposed so one group's N scales
-          are contiguous.
+          are contiguous (a view of a CUDA QuantizedLinear's group-major scales: no copy).
 
 Napkin math, Llama-3-8B q_proj (N = K = 4096) at M = 1: 16.8 MB of codes + 8 KB of per-channel
 scales, 5.6 us at ~3.0 TB/s, half the bf16 layer's 33.6 MB.

@@ -127,6 +127,24 @@ def test_format_cache_reused_and_invalidated():
     assert q.qweight.dtype == torch.uint8
 
 
+@pytest.mark.parametrize("cfg", [QuantConfig(4, 32), QuantConfig(8, 16)], ids=["int4", "int8"])
+def test_group_major_scales_change_nothing_but_strides(cfg):
+    """On CUDA, weight_format first puts scales and zeros in group-major storage (what the
+    kernels read, so their (G, N) transposes are views, not copies); values and outputs stay."""
+    q = QuantizedLinear.from_linear(nn.Linear(64, 40), cfg)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        before, want = {k: v.clone() for k, v in q.state_dict().items()}, q(x)
+        q._group_major()
+        fmt = q.weight_format
+        got = q(x)
+    for name in ("scales", "zeros") if q.zeros is not None else ("scales",):
+        t = getattr(q, name)
+        assert t.stride() == (1, 40) and torch.equal(t, before[name])
+        assert t.t().is_contiguous() and getattr(fmt, name).data_ptr() == t.data_ptr()
+    assert torch.equal(got, want)
+
+
 def test_from_format_shares_tensors():
     fmt = Int8Weight.quantize(torch.randn(16, 48), 16)
     q = QuantizedLinear.from_format(fmt, bias=torch.zeros(16))
