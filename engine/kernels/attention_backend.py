@@ -105,10 +105,10 @@ def causal_chunk_attention(q: Tensor, keys: Tensor, values: Tensor, positions: T
         from .attention_reference import grouped_attention
         return grouped_attention(q, keys, values, visibility_mask(positions, n, window))
     from torch.nn.attention.bias import causal_lower_right
-    if g > 1:
-        keys = keys.repeat_interleave(g, dim=1)  # (B, H, n, D): head j reads KV head j // g
-        values = values.repeat_interleave(g, dim=1)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(t, n))
+    # head j reads KV head j // g inside SDPA: repeating K and V to H heads first would put
+    # 2 * H/Hkv * n * D values on the device (Llama-3-8B at 32k: 0.5 GB a layer) for nothing
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(t, n),
+                                          enable_gqa=g > 1)
 
 
 def kv_attention_triton(q: Tensor, cache, layer: int, positions: Tensor, kv_len: int | None,
