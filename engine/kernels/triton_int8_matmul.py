@@ -18,9 +18,9 @@ from torch import Tensor
 
 from lowbit.quant.formats import Int8Weight
 
-from .triton_common import (Plan, as_words, await_inputs, dequant_scratch, finish_tile,
+from .triton_common import (Plan, as_words, await_inputs, dequant_then_matmul, finish_tile,
                             int8_plane, load_words, load_x_tile, log_plan, pdl_options,
-                            scratch_matmul, split_launch, unpack_int8, x_in)
+                            split_launch, unpack_int8, x_in)
 from .triton_gemv_planes import plane_words, planes_matmul, words_per_plane
 from .triton_gemv_tc import tc_matmul
 
@@ -119,9 +119,11 @@ def _int8_matmul_kernel(
 
 
 @triton.jit
-def _int8_dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, GROUP_SIZE: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """out (N, K) row-major in out's dtype = q * s for a (BLOCK_N, BLOCK_K) tile."""
+def _int8_dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sg,
+                         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         EVEN_K: tl.constexpr):
+    """out (N, K) row-major in out's dtype = q * s for a (BLOCK_N, BLOCK_K) tile; scales (G, N)
+    with group stride stride_sg (a column block of a wider layer's)."""
     pid_n = tl.program_id(0)
     c = tl.program_id(1)
     WORDS: tl.constexpr = BLOCK_K // 4
@@ -139,7 +141,7 @@ def _int8_dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, GROUP_SIZE: tl.
     if GROUP_SIZE == 0:
         s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     else:
-        s = tl.load(s_ptr + ((c * BLOCK_K) // GROUP_SIZE) * N + offs_n, mask=n_mask,
+        s = tl.load(s_ptr + ((c * BLOCK_K) // GROUP_SIZE) * stride_sg + offs_n, mask=n_mask,
                     other=0.0).to(tl.float32)
     w = (unpack_int8(words) * s[:, None]).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w, mask=out_mask)
@@ -210,11 +212,12 @@ def int8_matmul(x: Tensor, weight: Int8Weight, bias: Tensor | None, out: Tensor,
     block_k = min(plan.block_k, gs) if gs else plan.block_k
     even_k = k % block_k == 0
     if plan.path == "dequant":
-        w16 = dequant_scratch(x, n, k)
-        grid = (triton.cdiv(n, 64), triton.cdiv(k, block_k))
-        _int8_dequant_kernel[grid](words, scales, w16, n, k, words.shape[1], GROUP_SIZE=gs,
-                                   BLOCK_N=64, BLOCK_K=block_k, EVEN_K=even_k, num_warps=4)
-        return scratch_matmul(x, w16, bias, out)
+        def dequant_rows(n0: int, n1: int, w16: Tensor) -> None:
+            grid = (triton.cdiv(n1 - n0, 64), triton.cdiv(k, block_k))
+            _int8_dequant_kernel[grid](words[n0:n1], scales[:, n0:n1], w16, n1 - n0, k,
+                                       words.shape[1], scales.shape[1], GROUP_SIZE=gs,
+                                       BLOCK_N=64, BLOCK_K=block_k, EVEN_K=even_k, num_warps=4)
+        return dequant_then_matmul(x, n, k, bias, out, dequant_rows)
 
     tiles, split, per_split, ws, locks = split_launch(plan, m, n, triton.cdiv(k, block_k),
                                                       x.device)

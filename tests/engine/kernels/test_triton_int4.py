@@ -92,6 +92,17 @@ def test_int4_kernels_match_reference(n, k, gs, symmetric, m, plan, dtype):
     assert _run(weight, m, dtype, bias=m % 2 == 1, plan=plan) < TOL[dtype]
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_dequant_path_in_row_pieces(monkeypatch, symmetric):
+    """A layer wider than the scratch is dequantized and multiplied in pieces of 64 rows
+    (150 = 64 + 64 + 22), each piece's scales and zeros a column block of the (G, N) layout."""
+    from lowbit.engine.kernels import triton_common
+    monkeypatch.setattr(triton_common, "SCRATCH_BYTES", 64 * 96 * 4)
+    torch.manual_seed(11)
+    weight = _weight(150, 96, 32, symmetric, torch.float32)
+    assert _run(weight, 17, torch.float32, bias=True, plan=Plan("dequant")) < TOL[torch.float32]
+
+
 def test_default_plan_is_logged_once_per_shape(caplog):
     """`lowbit -v` shows which kernel each quantized linear takes (tensor cores at M=1)."""
     torch.manual_seed(4)

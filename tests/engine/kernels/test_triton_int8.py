@@ -83,6 +83,16 @@ def test_int8_kernels_match_reference(n, k, gs, m, plan, dtype):
     assert _run(weight, m, dtype, bias=m % 2 == 1, plan=plan) < TOL[dtype]
 
 
+@pytest.mark.parametrize("gs", [None, 32], ids=["per-channel", "g32"])
+def test_dequant_path_in_row_pieces(monkeypatch, gs):
+    """A layer wider than the scratch goes through it in pieces of 64 rows (150 = 64 + 64 + 22)."""
+    from lowbit.engine.kernels import triton_common
+    monkeypatch.setattr(triton_common, "SCRATCH_BYTES", 64 * 96 * 4)
+    torch.manual_seed(12)
+    weight = _weight(150, 96, gs, torch.float32)
+    assert _run(weight, 17, torch.float32, bias=True, plan=Plan("dequant")) < TOL[torch.float32]
+
+
 def test_dispatch_keeps_leading_dims():
     torch.manual_seed(2)
     weight = _weight(48, 202, None, torch.float16)
