@@ -197,3 +197,13 @@ def test_int4_gpu_every_path(plan, dtype):
     weight = _weight(4096, 4096, 128, False, dtype, device="cuda")
     m = {"gemv": plan.block_m, "planes": plan.block_m, "tc": plan.block_m - 3}.get(plan.path, 200)
     assert _run(weight, m, dtype, bias=True, plan=plan, device="cuda") < TOL[dtype]
+
+
+@on_gpu
+@pytest.mark.gpu
+def test_int4_gpu_prefill_of_the_fused_gate_up():
+    """Llama-3-8B's fused gate/up (28672 x 4096, 235 MB in bf16) at a prefill's M: wider than
+    the dequant scratch, so it runs in two row pieces."""
+    torch.manual_seed(8)
+    weight = _weight(28672, 4096, 128, False, torch.bfloat16, device="cuda")
+    assert _run(weight, 300, torch.bfloat16, bias=True, plan=None, device="cuda") < 1.5e-2
