@@ -71,6 +71,8 @@ class QuantizedLinear(nn.Module):
             setattr(m, name, t)
         m.bias = None if bias is None else bias.to(fmt.device)
         m._format, m._format_key = fmt, m._buffers_key()
+        if m.scales.is_cuda:
+            m._group_major()
         return m
 
     @classmethod
@@ -107,6 +109,7 @@ class QuantizedLinear(nn.Module):
             t = getattr(self, name)
             if t is not None and t.shape[1] > 1 and t.stride(1) == 1:
                 setattr(self, name, t.t().contiguous().t())
+                self._format = None  # it holds the old tensors: rebuilt from these on next use
 
     @property
     def nbytes(self) -> int:
