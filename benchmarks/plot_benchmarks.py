@@ -8,7 +8,7 @@ Three panels from benchmarks/results/<card>/:
   it reads, so floor = bytes / the run's copy rate);
 - generate.json: end-to-end decode tokens/s per weight format and prompt, each bar's roofline
   (the run's copy rate / the bytes a token reads) marked;
-- long_context-decode.json: decode tokens/s of int4 weights against context for KV 16 / 8 / 4,
+- long_context.json: decode tokens/s of int4 weights against context for KV 16 / 8 / 4,
   with each row's bytes-per-token limit.
 Each panel names its commit; a file that is missing leaves its panel out.
 """
@@ -90,7 +90,7 @@ def _long_context(ax, doc: dict) -> None:
 
 
 PANELS = (("kernels.json", _kernels), ("generate.json", _generate),
-          ("long_context-decode.json", _long_context))
+          ("long_context.json", _long_context))
 
 
 def plot(card: str, out: Path) -> Path:
