@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import await_inputs, buffer, interpreting, num_sms, pdl_options
+from .triton_common import (await_inputs, buffer, interpreting, next_power_of_2, num_sms,
+                            pdl_options)
 from .triton_decode_int4 import decode_int4_kernel
 from .triton_decode_int8 import decode_int8_kernel
 from .triton_decode_split import LOG2E, M_INIT, finish, merge_chunk, online_softmax, split_range
@@ -163,13 +164,13 @@ def decode_attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor
     b, h, _, d = q.shape
     hkv = _kv_heads(cache)
     g = h // hkv
-    g_st = triton.next_power_of_2(g)
+    g_st = next_power_of_2(g)
     out = torch.empty((b, h, 1, d), device=q.device, dtype=q.dtype)
     window = cache.sliding_window
     qk_scale = LOG2E / math.sqrt(d)
     ieee = q.dtype == torch.float32
     nw = cfg["num_warps"]
-    sp2 = triton.next_power_of_2(sp)
+    sp2 = next_power_of_2(sp)
     ws, ml, locks = _workspace(q.device, b * hkv, sp, g_st, d)
     common = dict(HKV=hkv, G=g, G_ST=g_st, D=d, SPLITS=sp, SPLITS_P2=sp2,
                   CHUNK=merge_chunk(sp2, g_st, d, nw), MIN_BLOCKS=cfg["min_blocks"],

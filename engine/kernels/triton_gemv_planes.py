@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import Plan, finish_tile, int4_plane, int8_plane, split_launch
+from .triton_common import Plan, cdiv, finish_tile, int4_plane, int8_plane, split_launch
 
 
 def plane_words(codes: Tensor, bits: int, words_per_plane: int, block_n: int) -> Tensor:
@@ -37,8 +37,8 @@ def plane_words(codes: Tensor, bits: int, words_per_plane: int, block_n: int) ->
     n, k = codes.shape
     per = 32 // bits
     w = words_per_plane
-    chunks = triton.cdiv(k, per * w)
-    n_pad = triton.cdiv(n, block_n) * block_n
+    chunks = cdiv(k, per * w)
+    n_pad = cdiv(n, block_n) * block_n
     u = torch.zeros(n_pad, chunks * per * w, dtype=torch.uint8, device=codes.device)
     u[:n, :k] = codes
     u = u.view(n_pad, chunks, per, w)  # code i of word j at [.., i, j]
@@ -180,7 +180,7 @@ def planes_matmul(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor | None
     if plan.block_m not in (1, 2):
         raise ValueError(f"the planes path takes 1 or 2 rows per program, not {plan.block_m}")
     m, k = x.shape
-    chunks = triton.cdiv(k, (32 // bits) * w)
+    chunks = cdiv(k, (32 // bits) * w)
     tiles, split, per_split, ws, locks = split_launch(plan, m, n, chunks, x.device)
     _planes_gemv_kernel[(tiles, split)](
         x, words, scales, scales if zeros is None else zeros, out if bias is None else bias,

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import (Plan, await_inputs, finish_tile, interpreting, pdl_options,
+from .triton_common import (Plan, await_inputs, cdiv, finish_tile, interpreting, pdl_options,
                             split_launch)
 from .triton_weight_codes import code_bias, nibble_codes
 
@@ -130,7 +130,7 @@ def tc_matmul(x: Tensor, codes: Tensor, scales: Tensor, zeros: Tensor | None, bi
     group_size 0 means one scale per row (then G = 1)."""
     m, k = x.shape
     block_k = min(plan.block_k, group_size) if group_size else plan.block_k
-    tiles, split, per_split, ws, locks = split_launch(plan, m, n, triton.cdiv(k, block_k),
+    tiles, split, per_split, ws, locks = split_launch(plan, m, n, cdiv(k, block_k),
                                                       x.device)
     asm = x.dtype in (torch.float16, torch.bfloat16) and not interpreting()
     _tc_matmul_kernel[(tiles, split)](

@@ -22,8 +22,8 @@ from torch import Tensor
 
 from lowbit.quant.formats import Int4Weight
 
-from .triton_common import (Plan, as_words, await_inputs, dequant_then_matmul, finish_tile,
-                            int4_plane, load_words, load_x_tile, log_plan, pdl_options,
+from .triton_common import (Plan, as_words, await_inputs, cdiv, dequant_then_matmul,
+                            finish_tile, int4_plane, load_words, load_x_tile, log_plan, pdl_options,
                             split_launch, unpack_int4, x_in)
 from .triton_gemv_planes import plane_words, planes_matmul, words_per_plane
 from .triton_gemv_tc import tc_matmul
@@ -226,14 +226,14 @@ def int4_matmul(x: Tensor, weight: Int4Weight, bias: Tensor | None, out: Tensor,
     even_k = k % block_k == 0
     if plan.path == "dequant":
         def dequant_rows(n0: int, n1: int, w16: Tensor) -> None:
-            grid = (triton.cdiv(n1 - n0, 64), triton.cdiv(k, block_k))
+            grid = (cdiv(n1 - n0, 64), cdiv(k, block_k))
             _int4_dequant_kernel[grid](words[n0:n1], scales[:, n0:n1], z_arg[:, n0:n1], w16,
                                        n1 - n0, k, words.shape[1], scales.shape[1],
                                        GROUP_SIZE=gs, BLOCK_N=64, BLOCK_K=block_k,
                                        SYMMETRIC=zeros is None, EVEN_K=even_k, num_warps=4)
         return dequant_then_matmul(x, n, k, bias, out, dequant_rows)
 
-    tiles, split, per_split, ws, locks = split_launch(plan, m, n, triton.cdiv(k, block_k),
+    tiles, split, per_split, ws, locks = split_launch(plan, m, n, cdiv(k, block_k),
                                                       x.device)
     _int4_matmul_kernel[(tiles, split)](
         x, words, scales, z_arg, out if bias is None else bias, out, ws, locks,

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import await_inputs, checked_out, pdl_options
+from .triton_common import await_inputs, checked_out, next_power_of_2, pdl_options
 
 
 @triton.jit
@@ -63,7 +63,7 @@ def _launch(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float, s: Tens
     rows = x2.shape[0]
     if rows == 0:
         return
-    block = triton.next_power_of_2(n)
+    block = next_power_of_2(n)
     _rms_norm_kernel[(rows,)](x2, d2, weight, y if s is None else s, y, n, x2.stride(0),
                               d2.stride(0), eps, ADD=delta is not None, BLOCK=block,
                               num_warps=_num_warps(block), **pdl_options(x.device))

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import await_inputs, checked_out, pdl_options
+from .triton_common import await_inputs, checked_out, next_power_of_2, pdl_options
 
 
 @triton.jit
@@ -122,11 +122,11 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
     else:
         cache_args = (q, 0, 0, q, q, q, 0, 0)  # never read: WRITE_CACHE is off
     if b * t:
-        half, h_p = d // 2, triton.next_power_of_2(h)
-        block = triton.next_power_of_2(half)
+        half, h_p = d // 2, next_power_of_2(h)
+        block = next_power_of_2(half)
         _rotary_kernel[(b * t,)](
             q, k, cos, sin, q_out, k_out, t, h, hkv, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), cos.stride(0), *cache_args, HALF=half, H_P=h_p,
-            HKV_P=triton.next_power_of_2(hkv), BLOCK=block, WRITE_CACHE=cache_write is not None,
+            HKV_P=next_power_of_2(hkv), BLOCK=block, WRITE_CACHE=cache_write is not None,
             num_warps=_num_warps(h_p * block), **pdl_options(q.device))
     return q_out.transpose(1, 2), k_out.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import await_inputs, pdl_options
+from .triton_common import await_inputs, cdiv, pdl_options
 
 BLOCK = 1024
 
@@ -51,6 +51,6 @@ def silu_mul(gate_up: Tensor, out: Tensor | None = None) -> Tensor:
     if gu.stride(-1) != 1:
         gu = gu.contiguous()
     if gu.shape[0] and inter:
-        _silu_mul_kernel[(gu.shape[0], triton.cdiv(inter, BLOCK))](
+        _silu_mul_kernel[(gu.shape[0], cdiv(inter, BLOCK))](
             gu, out, inter, gu.stride(0), BLOCK=BLOCK, num_warps=4, **pdl_options(gu.device))
     return out
