@@ -41,7 +41,10 @@ case "$stage" in
     timeout 330 python3 benchmarks/bench_generate.py --config llama-3-8b --prompt 512 2048 \
       --methods bf16,int8,int4-g128,int4-g128-lmhead16 --out "$OUT" 2>&1 | tail -12
     timeout 60 python3 benchmarks/bench_generate.py --config default --prompt 512 \
-      --name generate-default --out "$OUT" 2>&1 | tail -4 ;;
+      --name generate-default --out "$OUT" 2>&1 | tail -4
+    # the 8k-context peak, int4 alone in its process (a model run before it leaves buffers)
+    timeout 90 python3 benchmarks/bench_generate.py --config llama-3-8b --prompt 7936 --new 256 \
+      --methods int4-g128 --no-transformers --name generate-8k-int4 --out "$OUT" 2>&1 | tail -2 ;;
   long)
     timeout 150 python3 benchmarks/bench_attention.py --sweep --out "$OUT" > "$OUT/attention.log" 2>&1
     grep -v "^sweep" "$OUT/attention.log" | tail -45
