@@ -54,9 +54,10 @@ def interpreting() -> bool:
 
 
 def pdl_options(device: torch.device) -> dict:
-    """Launch options for a kernel that starts with `await_inputs`: PDL on CUDA devices of
-    compute capability 9 or above unless LOWBIT_PDL=0 (for A/B timings), off elsewhere."""
-    on = (device.type == "cuda" and not interpreting()
+    """Launch options for a kernel that starts with `await_inputs`: PDL on NVIDIA devices of
+    compute capability 9 or above unless LOWBIT_PDL=0 (for A/B timings), off elsewhere (ROCm
+    reports its GPUs as "cuda" devices with capabilities of 9 too, and has no griddepcontrol)."""
+    on = (device.type == "cuda" and not interpreting() and torch.version.hip is None
           and os.environ.get("LOWBIT_PDL", "1") != "0" and _capability(device) >= 9)
     return {"PDL": on, "launch_pdl": on}
 

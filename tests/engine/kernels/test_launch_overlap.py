@@ -31,6 +31,9 @@ def test_pdl_only_on_hopper_cuda_and_not_when_disabled(monkeypatch):
     monkeypatch.setattr(triton_common, "_capability", lambda device: 8)  # A100: no griddepcontrol
     assert triton_common.pdl_options(cuda) == OFF
     monkeypatch.setattr(triton_common, "_capability", lambda device: 9)
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # an MI300 says 9.4 too
+    assert triton_common.pdl_options(cuda) == OFF
+    monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(triton_common, "interpreting", lambda: True)
     assert triton_common.pdl_options(cuda) == OFF
 
