@@ -245,3 +245,36 @@ def triton_gpu_only():
     return pytest.mark.skipif(not torch.cuda.is_available()
                               or os.environ.get("TRITON_INTERPRET") == "1",
                               reason="needs CUDA with TRITON_INTERPRET unset or 0")
+
+
+_SM90_BUILD = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+def build(fn, pointers, consts, num_warps=4, floats=("qk_scale",)):
+    """fn compiled for an H100: consts its constexprs, pointers the element types of its *_ptr
+    arguments (bf16 unless named), fp32 the arguments named in floats, i32 the rest."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + pointers.get(name, "bf16")
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+    return triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps})
+'''
+
+
+def run_sm90_compile(body: str):
+    """Run `body` in a fresh Python with the interpreter off (Triton reads TRITON_INTERPRET when
+    imported) after a prelude defining build(fn, pointers, consts, num_warps, floats), which
+    compiles for sm_90 without a GPU; returns the subprocess.CompletedProcess."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", _SM90_BUILD + body], env=env,
+                          capture_output=True, text=True, timeout=300)

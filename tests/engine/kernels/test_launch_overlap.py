@@ -1,9 +1,6 @@
 """Programmatic dependent launch (triton_common.pdl_options / await_inputs): when it is on, and
 that a decode with it is token for token and bit for bit the decode without it (GPU)."""
 import dataclasses
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +9,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from lowbit.engine.kernels import triton_common  # noqa: E402
 from lowbit.quant.config import QuantConfig  # noqa: E402
-from helpers import triton_gpu_only  # noqa: E402
+from helpers import run_sm90_compile, triton_gpu_only  # noqa: E402
 
 OFF = {"PDL": False, "launch_pdl": False}
 ON = {"PDL": True, "launch_pdl": True}
@@ -39,19 +36,12 @@ def test_pdl_only_on_hopper_cuda_and_not_when_disabled(monkeypatch):
 
 
 COMPILE_SCRIPT = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from lowbit.engine.kernels import (triton_gemv_tc as TC, triton_int4_matmul as I4,
                                    triton_int8_matmul as I8, triton_rms_norm as RN,
                                    triton_rotary as RO, triton_silu_mul as SM)
 
 def ptx(fn, pointers, consts, floats=()):
-    sig = {name: "constexpr" if name in consts else "*" + pointers.get(name, "bf16")
-           if name.endswith("_ptr") else "fp32" if name in floats else "i32"
-           for name in fn.arg_names}
-    return triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 4}).asm["ptx"]
+    return build(fn, pointers, consts, floats=floats).asm["ptx"]
 
 mm = {"ws_ptr": "fp32", "lock_ptr": "i32", "z_ptr": "u8"}
 split = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, HAS_BIAS=False, EVEN_K=True,
@@ -77,9 +67,7 @@ def test_pdl_kernels_compile_their_wait_for_sm90():
     """Each matmul and elementwise kernel launched with PDL compiles for an H100 (sm_90, no GPU
     needed) with its griddepcontrol wait in the PTX (the decode attention and KV-write kernels
     are compiled with PDL on by test_triton_attention's test_kernels_compile_for_sm90)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = run_sm90_compile(COMPILE_SCRIPT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "waits [1, 1, 1, 1, 1, 1]" in done.stdout, done.stdout
 

@@ -27,7 +27,7 @@ from lowbit.engine.kv_cache import DenseKVCache  # noqa: E402
 from lowbit.engine.kv_quant import Int4KVCache, Int8KVCache  # noqa: E402
 from attention_cases import config  # noqa: E402
 from tensor_core_rounding import tensor_core_rounding  # noqa: E402
-from helpers import rel_err, triton_gpu_only  # noqa: E402
+from helpers import rel_err, run_sm90_compile, triton_gpu_only  # noqa: E402
 
 # relative Frobenius error bounds of the kernel against the reference on the same cache bytes:
 # fp32 runs IEEE dots; fp16/bf16 round q, probabilities and dequantized values to 11 / 8 bits.
@@ -276,23 +276,8 @@ def test_generation_triton_equals_reference_tiny_model(monkeypatch):
 
 
 COMPILE_SCRIPT = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from lowbit.engine.kernels import triton_decode_attention as A, triton_kv_update as U
 from lowbit.engine.kernels import triton_decode_int4 as I4, triton_decode_int8 as I8
-
-def build(fn, pointers, consts, num_warps=4):
-    sig = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = "*" + pointers.get(name, "bf16")
-        else:
-            sig[name] = "fp32" if name == "qk_scale" else "i32"
-    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": num_warps})
 
 ws = {"pos_ptr": "i64", "ws_ptr": "fp32", "ml_ptr": "fp32", "lock_ptr": "i32"}
 split = dict(HKV=8, G=4, G_ST=4, D=128, SPLITS=48, SPLITS_P2=64, CHUNK=8, HAS_WINDOW=True)
@@ -318,11 +303,7 @@ print("compiled")
 def test_kernels_compile_for_sm90():
     """The interpreter runs what the compiler rejects (a plain global read inside a kernel, say):
     compile every kernel for an H100 (sm_90) ahead of time, no GPU needed, interpreter off."""
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = run_sm90_compile(COMPILE_SCRIPT)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 
