@@ -25,6 +25,7 @@
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -35,7 +36,6 @@ import triton.language as tl
 
 _buffers: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
 _logged_plans: set[tuple] = set()
-_major: dict[int, int] = {}  # CUDA device index -> compute capability major
 logger = logging.getLogger("lowbit.kernels")
 
 
@@ -63,10 +63,13 @@ def pdl_options(device: torch.device) -> dict:
 
 
 def _capability(device: torch.device) -> int:
-    index = torch.cuda.current_device() if device.index is None else device.index
-    if index not in _major:
-        _major[index] = torch.cuda.get_device_capability(index)[0]
-    return _major[index]
+    """Compute capability major of a CUDA device (asked once a device: this is on every launch)."""
+    return _capability_major(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 @triton.jit
