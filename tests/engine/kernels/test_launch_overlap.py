@@ -48,7 +48,8 @@ split = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, HAS_BIAS=False, EVE
              DOT_PRECISION="tf32", PDL=True)
 texts = [
     ptx(TC._tc_matmul_kernel, dict(mm, q_ptr="u8"),
-        dict(split, BITS=4, GROUP_SIZE=128, BLOCK_M=8, SYMMETRIC=False, BIAS=128.0, ASM=True)),
+        dict(split, BITS=4, GROUP_SIZE=128, BLOCK_M=8, SYMMETRIC=False, BIAS=128.0, ASM=True,
+             PREFETCH_GROUPS=8)),
     ptx(I4._int4_matmul_kernel, dict(mm, w_ptr="i32"),
         dict(split, GROUP_SIZE=128, SYMMETRIC=True, USE_DOT=True, SCALE_IN_TILE=False,
              PREFETCH=False)),
@@ -60,16 +61,24 @@ texts = [
     ptx(SM._silu_mul_kernel, {}, dict(BLOCK=1024, PDL=True)),
 ]
 print("waits", [t.count("griddepcontrol.wait") for t in texts])
+print("tc prefetches", texts[0].count("prefetch.global.L1"))
+print("split-K", [(t.count("atom.global.gpu.release.add"), t.count("ld.global.gpu.acquire"))
+                  for t in texts[:3]])
 """
 
 
 def test_pdl_kernels_compile_their_wait_for_sm90():
     """Each matmul and elementwise kernel launched with PDL compiles for an H100 (sm_90, no GPU
-    needed) with its griddepcontrol wait in the PTX (the decode attention and KV-write kernels
+    needed) with its griddepcontrol wait in the PTX (and the tc kernel's L1 prefetches and the
+    split-K release/acquire pair) (the decode attention and KV-write kernels
     are compiled with PDL on by test_triton_attention's test_kernels_compile_for_sm90)."""
     done = run_sm90_compile(COMPILE_SCRIPT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "waits [1, 1, 1, 1, 1, 1]" in done.stdout, done.stdout
+    # the tc kernel asks L1 for its scale and zero lines (one prefetch each a thread) before the
+    # wait; split-K programs release their partials, and only the last one acquires
+    assert "tc prefetches 2" in done.stdout, done.stdout
+    assert "split-K [(1, 1), (1, 1), (1, 1)]" in done.stdout, done.stdout
 
 
 @pytest.mark.gpu

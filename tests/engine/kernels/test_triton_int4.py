@@ -115,6 +115,21 @@ def test_default_plan_is_logged_once_per_shape(caplog):
     assert lines == ["dequant_matmul int4 40x96: tc(m8,n32,k32,splitauto8,w2,s3)"]
 
 
+@pytest.mark.parametrize("k,gs,split", [(640, 256, 2), (200, 32, 3)], ids=["g256", "g32"])
+def test_tc_programs_spanning_groups(k, gs, split):
+    """A tc program looks up each chunk's group: g256 has two 128-column chunks a group, so with
+    3 chunks a program the second program starts mid-group (and the last group is half full);
+    g32 spans 3 groups a program in 32-column chunks."""
+    from lowbit.engine.kernels.triton_gemv_tc import spanned_groups
+    assert spanned_groups(3, 128, 256) == 4 and spanned_groups(3, 32, 32) == 4
+    assert spanned_groups(8, 128, 128) == 8 and spanned_groups(4, 128, 0) == 0
+    torch.manual_seed(k + gs)
+    for symmetric in (False, True):
+        weight = _weight(40, k, gs, symmetric, torch.float32)
+        plan = Plan("tc", block_m=8, block_n=16, block_k=128, split_k=split)
+        assert _run(weight, 3, torch.float32, bias=True, plan=plan) < TOL[torch.float32]
+
+
 def test_split_k_counters_reset_between_calls():
     """The last program of a tile resets its counter; a stale one would skip the reduction."""
     torch.manual_seed(1)
