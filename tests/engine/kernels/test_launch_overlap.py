@@ -69,9 +69,9 @@ print("split-K", [(t.count("atom.global.gpu.release.add"), t.count("ld.global.gp
 
 def test_pdl_kernels_compile_their_wait_for_sm90():
     """Each matmul and elementwise kernel launched with PDL compiles for an H100 (sm_90, no GPU
-    needed) with its griddepcontrol wait in the PTX (and the tc kernel's L1 prefetches and the
-    split-K release/acquire pair) (the decode attention and KV-write kernels
-    are compiled with PDL on by test_triton_attention's test_kernels_compile_for_sm90)."""
+    needed) with its griddepcontrol wait in the PTX, the tc kernel with its L1 prefetches and the
+    split-K matmuls with one release and one acquire. The decode attention and KV-write kernels
+    are compiled with PDL on by test_triton_attention's test_kernels_compile_for_sm90."""
     done = run_sm90_compile(COMPILE_SCRIPT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "waits [1, 1, 1, 1, 1, 1]" in done.stdout, done.stdout

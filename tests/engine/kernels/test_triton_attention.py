@@ -281,7 +281,9 @@ from lowbit.engine.kernels import triton_decode_int4 as I4, triton_decode_int8 a
 
 ws = {"pos_ptr": "i64", "ws_ptr": "fp32", "ml_ptr": "fp32", "lock_ptr": "i32"}
 split = dict(HKV=8, G=4, G_ST=4, D=128, SPLITS=48, SPLITS_P2=64, CHUNK=8, HAS_WINDOW=True)
-build(A._decode_dense_kernel, ws, dict(split, G_PAD=16, BLOCK_N=64, IEEE=False, PDL=True))
+ptx = build(A._decode_dense_kernel, ws, dict(split, G_PAD=16, BLOCK_N=64, IEEE=False,
+                                             PDL=True)).asm["ptx"]
+print("split merge", ptx.count("atom.global.gpu.release.add"), ptx.count("ld.global.gpu.acquire"))
 for warps, tw in ((4, 64), (2, 32)):
     build(I8.decode_int8_kernel, dict(ws, k_ptr="i8", v_ptr="i8", ks_ptr="fp16", vs_ptr="fp16"),
           dict(split, G_PAD=4, TW=tw, W=warps, VT=64, F16=True, ASM=True, PDL=True),
@@ -302,9 +304,11 @@ print("compiled")
 
 def test_kernels_compile_for_sm90():
     """The interpreter runs what the compiler rejects (a plain global read inside a kernel, say):
-    compile every kernel for an H100 (sm_90) ahead of time, no GPU needed, interpreter off."""
+    compile every kernel for an H100 (sm_90) ahead of time, no GPU needed, interpreter off. The
+    split merge releases each partial and acquires only in the last arrival."""
     done = run_sm90_compile(COMPILE_SCRIPT)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    assert "split merge 1 1" in done.stdout, done.stdout
 
 
 # ---- GPU (device run): real shapes, bf16, CUDA graphs ----
