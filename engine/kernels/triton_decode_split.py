@@ -26,6 +26,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_common import last_arrival, reset_counter
+
 LOG2E = 1.4426950408889634
 # finite: exp2(M_INIT - M_INIT) stays 1, never NaN, for rows with no key yet; a constexpr,
 # since a jit function may only read globals that are (the interpreter does not check this)
@@ -108,11 +110,7 @@ def _store_and_merge(acc, m, l, bh, sp, nsplit, out_ptr, stride_ob, stride_oh, w
              mask=rows[:, None])
     tl.store(ml_bh + sp * G_ST + offs_g, m, mask=rows)
     tl.store(ml_bh + (SPLITS + sp) * G_ST + offs_g, l, mask=rows)
-    tl.debug_barrier()  # every thread's partial is stored before the release below
-    # release only, and an acquire in the last arrival alone (as triton_common.finish_tile)
-    arrived = tl.atomic_add(lock_ptr + bh, 1, sem="release")
-    if arrived == nsplit - 1:
-        tl.atomic_add(lock_ptr + bh, 0, sem="acquire")  # the other splits' partials visible
+    if last_arrival(lock_ptr + bh, nsplit):
         offs_s = tl.arange(0, SPLITS_P2)
         offs_r = tl.arange(0, G_ST)
         tile = offs_s[:, None] * G_ST + offs_r[None, :]  # (SPLITS_P2, G_ST)
@@ -133,7 +131,7 @@ def _store_and_merge(acc, m, l, bh, sp, nsplit, out_ptr, stride_ob, stride_oh, w
                 + offs_d[None, None, :]  # (CHUNK, G_ST, D)
             part = tl.load(ptrs, mask=part_live[:, :, None], other=0.0, cache_modifier=".cg")
             total += tl.sum(w[:, :, None] * part, axis=0)
-        tl.atomic_xchg(lock_ptr + bh, 0, sem="relaxed")  # read again only by a later launch
+        reset_counter(lock_ptr + bh)
         b = bh // HKV
         h = bh % HKV
         out = total / tl.where(l_all > 0, l_all, 1.0)[:, None]  # rows >= G: 0, not NaN
