@@ -86,7 +86,7 @@ def variants():
     split = dict(HKV=8, G=4, G_ST=4, D=128, SPLITS=64, SPLITS_P2=64, CHUNK=8, MIN_BLOCKS=1,
                  HAS_WINDOW=False)
     yield ("dense block 64", A._decode_dense_kernel, ws,
-           dict(split, G_PAD=16, BLOCK_N=64, IEEE=False), 4, 64 * 512)
+           dict(split, G_PAD=16, BLOCK_N=64, IEEE=False, PREFETCH=True), 4, 64 * 512)
     int8 = dict(ws, k_ptr="i8", v_ptr="i8", ks_ptr="fp16", vs_ptr="fp16")
     for w, t in ((4, 32), (4, 64), (2, 64), (8, 32)):
         yield (f"int8 {w} warps x {t}", I8.decode_int8_kernel, int8,

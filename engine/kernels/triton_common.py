@@ -76,9 +76,10 @@ def _capability_major(index: int) -> int:
 def await_inputs(PDL: tl.constexpr):
     """With PDL, wait until the kernel before has finished and its writes are visible, then let
     the next kernel's programs be placed. Every kernel launched with pdl_options calls this
-    before it reads anything but weights and before it writes anything: that keeps the order
-    transitive (a kernel that has passed its wait implies all earlier ones are done), so what
-    runs before the wait may read anything written two or more kernels back."""
+    before it reads anything the kernel just before it may write and before it writes anything:
+    that keeps the order transitive (a kernel that has passed its wait implies all earlier ones
+    are done), so what runs before the wait may read anything written two or more kernels back
+    (weights; the decode position and the cache's older entries for the decode attention)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -282,6 +283,17 @@ def _store_tile(acc, offs_n, offs_m, N, M, out_ptr, stride_om, bias_ptr, HAS_BIA
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
     ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def prefetch_l2(first, count, LINES: tl.constexpr, LINE: tl.constexpr):
+    """Ask L2 for the LINES 128-byte lines from `first` (LINE elements a line), those of the first
+    `count` elements only (the rest ask for `first` again): a hint, nothing waits for it. L1 is
+    not filled, so a line written later by the kernel before is never read stale from it."""
+    offs = tl.arange(0, LINES) * LINE
+    ptrs = first + tl.where(offs < count, offs, 0)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

@@ -36,7 +36,8 @@ from .triton_common import (await_inputs, buffer, interpreting, next_power_of_2,
                             pdl_options)
 from .triton_decode_int4 import decode_int4_kernel
 from .triton_decode_int8 import decode_int8_kernel
-from .triton_decode_split import LOG2E, M_INIT, finish, merge_chunk, online_softmax, split_range
+from .triton_decode_split import (LOG2E, M_INIT, PREFETCH_BLOCKS, finish, merge_chunk,
+                                  online_softmax, prefetch_positions, split_range)
 
 
 @triton.jit
@@ -53,14 +54,22 @@ def _decode_dense_kernel(
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, G_ST: tl.constexpr,
         D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
         CHUNK: tl.constexpr, MIN_BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        IEEE: tl.constexpr, PDL: tl.constexpr):
+        IEEE: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
     """Dense cache of one layer: k, v (B*Hkv, S, D) in the model dtype, (batch, head) stride
     stride_kvh."""
-    await_inputs(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b0, b1, lo, n, nsplit = split_range(pos_ptr, window, sp, BLOCK_N, SPLITS, HAS_WINDOW,
                                           MIN_BLOCKS)
+    k_base = k_ptr + bh.to(tl.int64) * stride_kvh
+    v_base = v_ptr + bh.to(tl.int64) * stride_kvh
+    if PREFETCH:
+        if sp < nsplit:
+            p0 = b0 * BLOCK_N
+            p1 = tl.minimum(b1 * BLOCK_N, n)
+            prefetch_positions(k_base, p0, p1, D, PREFETCH_BLOCKS * BLOCK_N)
+            prefetch_positions(v_base, p0, p1, D, PREFETCH_BLOCKS * BLOCK_N)
+    await_inputs(PDL)
     if sp < nsplit:
         b = bh // HKV
         h = bh % HKV
@@ -72,8 +81,6 @@ def _decode_dense_kernel(
         m = tl.full((G_PAD,), M_INIT, tl.float32)
         l = tl.zeros((G_PAD,), tl.float32)
         acc = tl.zeros((G_PAD, D), tl.float32)
-        k_base = k_ptr + bh.to(tl.int64) * stride_kvh
-        v_base = v_ptr + bh.to(tl.int64) * stride_kvh
         for blk in range(b0, b1):
             offs_s = blk * BLOCK_N + offs_n
             valid = (offs_s < n) & (offs_s >= lo)
@@ -200,5 +207,6 @@ def decode_attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor
         k, v = cache.k[layer], cache.v[layer]
         _decode_dense_kernel[grid](
             *head, k, v, ws, ml, locks, *strides, k.stride(1), qk_scale, win,
-            G_PAD=max(16, g_st), BLOCK_N=cfg["block_n"], IEEE=ieee, **common)
+            G_PAD=max(16, g_st), BLOCK_N=cfg["block_n"], IEEE=ieee, PREFETCH=not interpreting(),
+            **common)
     return out

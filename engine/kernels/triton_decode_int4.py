@@ -49,7 +49,8 @@ import triton.language as tl
 
 from .triton_common import await_inputs
 from .triton_decode_int8 import load_group_queries, mma, pow2_floor
-from .triton_decode_split import M_INIT, finish, merge_warps, online_softmax, split_range
+from .triton_decode_split import (M_INIT, PREFETCH_BLOCKS, finish, merge_warps, online_softmax,
+                                  prefetch_positions, split_range)
 from .triton_kv_codes import INT4_CENTER, INT4_HIGH_BIAS, INT4_LOW_BIAS, int4_biased, int4_centered
 
 TOKENS_PER_WARP = tl.constexpr(32)  # one key group (engine.kv_quant.KEY_GROUP)
@@ -181,13 +182,32 @@ def decode_int4_kernel(
         SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr,
         MIN_BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr,
         PDL: tl.constexpr):
-    await_inputs(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     TW: tl.constexpr = TOKENS_PER_WARP
     BLOCK: tl.constexpr = W * TW
     M: tl.constexpr = GV * G_PAD
     b0, b1, lo, n, nsplit = split_range(pos_ptr, window, sp, BLOCK, SPLITS, HAS_WINDOW, MIN_BLOCKS)
+    bh64 = bh.to(tl.int64)
+    kp_base = kp_ptr + bh64 * stride_kp
+    ks_base = ks_ptr + bh64 * stride_kg
+    kz_base = kz_ptr + bh64 * stride_kg
+    vp_base = vp_ptr + bh64 * stride_vp
+    vs_base = vs_ptr + bh64 * stride_vg
+    vz_base = vz_ptr + bh64 * stride_vg
+    if ASM:
+        if sp < nsplit:
+            # complete key groups only: the group in progress has no codes yet
+            p0 = b0 * BLOCK
+            p1 = tl.minimum(b1 * BLOCK, n // TW * TW)
+            SPAN: tl.constexpr = PREFETCH_BLOCKS * BLOCK
+            prefetch_positions(kp_base, p0, p1, D // 2, SPAN)
+            prefetch_positions(vp_base, p0, p1, D // 2, SPAN)  # 32-position tiles of D x 16 B
+            prefetch_positions(ks_base, p0 // TW, p1 // TW, D, SPAN // TW)
+            prefetch_positions(kz_base, p0 // TW, p1 // TW, D, SPAN // TW)
+            prefetch_positions(vs_base, p0, p1, GV, SPAN)
+            prefetch_positions(vz_base, p0, p1, GV, SPAN)
+    await_inputs(PDL)
     if sp < nsplit:
         b = bh // HKV
         h = bh % HKV
@@ -203,13 +223,6 @@ def decode_int4_kernel(
         acc = tl.zeros((W, M, D), tl.float32)
         v_bias = tl.zeros((W, M, 16), tl.float32)  # sum of P * (zero - code offset) per row, x16
         f = tl.full((W,), 1.0, tl.float32)
-        bh64 = bh.to(tl.int64)
-        kp_base = kp_ptr + bh64 * stride_kp
-        ks_base = ks_ptr + bh64 * stride_kg
-        kz_base = kz_ptr + bh64 * stride_kg
-        vp_base = vp_ptr + bh64 * stride_vp
-        vs_base = vs_ptr + bh64 * stride_vg
-        vz_base = vz_ptr + bh64 * stride_vg
         first = offs_w == 0
         if SINK > 0:
             if sp == 0:  # the 16-bit sink positions, by warp 0 of the first split

@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import await_inputs
-from .triton_decode_split import M_INIT, finish, merge_warps, online_softmax, split_range
+from .triton_decode_split import (M_INIT, PREFETCH_BLOCKS, finish, merge_warps, online_softmax,
+                                  prefetch_positions, split_range)
 from .triton_kv_codes import INT8_BIAS, int8_biased, int8_signed
 
 
@@ -101,13 +102,25 @@ def decode_int8_kernel(
         SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr,
         MIN_BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr, F16: tl.constexpr,
         ASM: tl.constexpr, PDL: tl.constexpr):
-    await_inputs(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     BLOCK: tl.constexpr = W * TW
     BIAS: tl.constexpr = INT8_BIAS if F16 else 0.0
     b0, b1, lo, n, nsplit = split_range(pos_ptr, window, sp, BLOCK, SPLITS, HAS_WINDOW,
                                           MIN_BLOCKS)
+    k_base = k_ptr + bh.to(tl.int64) * stride_kh
+    v_base = v_ptr + bh.to(tl.int64) * stride_vh
+    s_base = bh.to(tl.int64) * stride_sh
+    if ASM:
+        if sp < nsplit:
+            p0 = b0 * BLOCK
+            p1 = tl.minimum(b1 * BLOCK, n)
+            SPAN: tl.constexpr = PREFETCH_BLOCKS * BLOCK
+            prefetch_positions(k_base, p0, p1, D, SPAN)
+            prefetch_positions(v_base, p0, p1, D, SPAN)  # VT-position tiles: whole tiles
+            prefetch_positions(ks_ptr + s_base, p0, p1, 1, SPAN)
+            prefetch_positions(vs_ptr + s_base, p0, p1, 1, SPAN)
+    await_inputs(PDL)
     if sp < nsplit:
         b = bh // HKV
         h = bh % HKV
@@ -126,9 +139,6 @@ def decode_int8_kernel(
         l = tl.zeros((W, G_PAD), tl.float32)
         f = tl.full((W,), 1.0, tl.float32)
         acc = tl.zeros((W, G_PAD, D), tl.float32)
-        k_base = k_ptr + bh.to(tl.int64) * stride_kh
-        v_base = v_ptr + bh.to(tl.int64) * stride_vh
-        s_base = bh.to(tl.int64) * stride_sh
         for blk in range(b0, b1):
             start = blk * BLOCK + offs_w * TW  # (W,) first token of each warp
             tok = start[:, None] + offs_t[None, :]  # (W, TW)

@@ -281,18 +281,29 @@ from lowbit.engine.kernels import triton_decode_int4 as I4, triton_decode_int8 a
 
 ws = {"pos_ptr": "i64", "ws_ptr": "fp32", "ml_ptr": "fp32", "lock_ptr": "i32"}
 split = dict(HKV=8, G=4, G_ST=4, D=128, SPLITS=48, SPLITS_P2=64, CHUNK=8, HAS_WINDOW=True)
+
+
+def prefetches(ptx):  # L2 prefetches before the PDL wait, after it
+    wait = ptx.index("griddepcontrol.wait")
+    return ptx[:wait].count("prefetch.global.L2"), ptx[wait:].count("prefetch.global.L2")
+
+
 ptx = build(A._decode_dense_kernel, ws, dict(split, G_PAD=16, BLOCK_N=64, IEEE=False,
-                                             PDL=True)).asm["ptx"]
+                                             PREFETCH=True, PDL=True)).asm["ptx"]
 print("split merge", ptx.count("atom.global.gpu.release.add"), ptx.count("ld.global.gpu.acquire"))
+print("dense prefetch", *prefetches(ptx))
 for warps, tw in ((4, 64), (2, 32)):
-    build(I8.decode_int8_kernel, dict(ws, k_ptr="i8", v_ptr="i8", ks_ptr="fp16", vs_ptr="fp16"),
-          dict(split, G_PAD=4, TW=tw, W=warps, VT=64, F16=True, ASM=True, PDL=True),
-          num_warps=warps)
+    ptx = build(I8.decode_int8_kernel, dict(ws, k_ptr="i8", v_ptr="i8", ks_ptr="fp16",
+                                            vs_ptr="fp16"),
+                dict(split, G_PAD=4, TW=tw, W=warps, VT=64, F16=True, ASM=True, PDL=True),
+                num_warps=warps).asm["ptx"]
+    print("int8 prefetch", *prefetches(ptx))
 for warps, sink in ((4, 0), (2, 4)):
-    build(I4.decode_int4_kernel, dict(ws, kp_ptr="u8", ks_ptr="fp16", kz_ptr="u8", vp_ptr="u8",
-                                      vs_ptr="fp16", vz_ptr="u8"),
-          dict(split, G_PAD=4, W=warps, GV=4, SINK=sink, F16=True, ASM=True, PDL=True),
-          num_warps=warps)
+    ptx = build(I4.decode_int4_kernel, dict(ws, kp_ptr="u8", ks_ptr="fp16", kz_ptr="u8",
+                                            vp_ptr="u8", vs_ptr="fp16", vz_ptr="u8"),
+                dict(split, G_PAD=4, W=warps, GV=4, SINK=sink, F16=True, ASM=True, PDL=True),
+                num_warps=warps).asm["ptx"]
+    print("int4 prefetch", *prefetches(ptx))
 build(U._int8_write_kernel, {"pos_ptr": "i64", "kq_ptr": "i8", "vq_ptr": "i8", "ks_ptr": "fp16",
                              "vs_ptr": "fp16"}, dict(HKV=8, D=128, VT=64, PDL=True))
 build(U._int4_write_kernel, {"pos_ptr": "i64", "kp_ptr": "u8", "ks_ptr": "fp16", "kz_ptr": "u8",
@@ -305,10 +316,15 @@ print("compiled")
 def test_kernels_compile_for_sm90():
     """The interpreter runs what the compiler rejects (a plain global read inside a kernel, say):
     compile every kernel for an H100 (sm_90) ahead of time, no GPU needed, interpreter off. The
-    split merge releases each partial and acquires only in the last arrival."""
+    split merge releases each partial and acquires only in the last arrival; each decode kernel
+    asks L2 for its first blocks before the PDL wait, and never after it."""
     done = run_sm90_compile(COMPILE_SCRIPT)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
     assert "split merge 1 1" in done.stdout, done.stdout
+    for kind in ("dense", "int8", "int8", "int4", "int4"):
+        line = next(ln for ln in done.stdout.splitlines() if ln.startswith(f"{kind} prefetch"))
+        before, after = map(int, line.split()[2:])
+        assert before > 0 and after == 0, line
 
 
 # ---- GPU (device run): real shapes, bf16, CUDA graphs ----
