@@ -90,8 +90,8 @@ def _decode_dense_kernel(
             scores = _dot(q, tl.trans(k), IEEE) * qk_scale  # log2-domain softmax scale
             p, alpha, m, l = online_softmax(scores, valid[None, :], m, l)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        finish(acc, m, l, bh, sp, nsplit, out_ptr, stride_ob, stride_oh, ws_ptr, ml_ptr, lock_ptr,
-               HKV, G, G_PAD, G_ST, D, SPLITS, SPLITS_P2, CHUNK)
+        finish(acc, m, l, bh, sp, nsplit, nsplit, out_ptr, stride_ob, stride_oh, ws_ptr, ml_ptr,
+               lock_ptr, HKV, G, G_PAD, G_ST, D, SPLITS, SPLITS, SPLITS_P2, CHUNK)
 
 
 # Launch defaults per cache kind. programs_per_sm: how many programs an SM holds at once
@@ -178,7 +178,8 @@ def decode_attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor
     ieee = q.dtype == torch.float32
     nw = cfg["num_warps"]
     sp2 = next_power_of_2(sp)
-    ws, ml, locks = _workspace(q.device, b * hkv, sp, g_st, d)
+    slots = sp + (kind == "int4")  # the int4 kernel's program of the key group in progress
+    ws, ml, locks = _workspace(q.device, b * hkv, slots, g_st, d)
     common = dict(HKV=hkv, G=g, G_ST=g_st, D=d, SPLITS=sp, SPLITS_P2=sp2,
                   CHUNK=merge_chunk(sp2, g_st, d, nw), MIN_BLOCKS=cfg["min_blocks"],
                   HAS_WINDOW=window is not None,
@@ -192,7 +193,7 @@ def decode_attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor
         kr, vp = cache.k_residual[layer], cache.v_packed[layer]
         vs, vz = cache.v_scale[layer], cache.v_zero[layer]
         k_sink, v_sink = cache.k_sink[layer], cache.v_sink[layer]
-        decode_int4_kernel[grid](
+        decode_int4_kernel[(b * hkv, slots)](
             *head, kp, ks, kz, kr, vp, vs, vz, k_sink, v_sink, ws, ml, locks, *strides,
             kp.stride(1), ks.stride(1), kr.stride(1), vp.stride(1), vs.stride(1),
             k_sink.stride(1), qk_scale, win, G_PAD=max(2, g_st), W=nw, GV=vs.shape[-1],

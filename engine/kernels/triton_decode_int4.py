@@ -34,9 +34,10 @@ Arithmetic (fp16 tensor cores; fp32 IEEE dots, unbiased codes, when the model is
   ~150 SHFL of the loop's 309), from a zero accumulator each iteration, added in fp32. The P.V
   accumulator, which the tensor cores truncate, holds sum(P * (u - 8)), not 1024 * sum(P)
   (biased codes failed the 32k GPU test: relative error 3.9e-2, see triton_kv_codes);
-- the group in progress (positions 32 * (n // 32) .. n - 1) reads its 16-bit keys from kr, the
-  sink positions their 16-bit keys and values, both as one extra step of warp 0, exactly as the
-  reference (attention_quantized_reference.kv_attention_int4) sees them.
+- the group in progress (positions 32 * (n // 32) .. n - 1) reads its 16-bit keys from kr, in
+  an extra program beside the splits (grid SPLITS + 1, its partial in workspace slot SPLITS), the
+  sink positions their 16-bit keys and values as one extra step of warp 0 of split 0, exactly as
+  the reference (attention_quantized_reference.kv_attention_int4) sees them.
 
 Napkin math (Llama-3-8B, 8 KV heads, D = 128, 32k tokens): 8 * 32768 * 152 B = 39.8 MB per layer,
 13.3 us at 3.0 TB/s. SASS of the loop (sm_90, Triton 3.9, G = 4, W = 4): 7.7 instructions per
@@ -188,6 +189,10 @@ def decode_int4_kernel(
     BLOCK: tl.constexpr = W * TW
     M: tl.constexpr = GV * G_PAD
     b0, b1, lo, n, nsplit = split_range(pos_ptr, window, sp, BLOCK, SPLITS, HAS_WINDOW, MIN_BLOCKS)
+    complete = n // TW * TW  # positions before it: quantized keys, as the newest query sees
+    # the group in progress (16-bit keys) is the extra program's, sp == SPLITS, beside the splits
+    extra = complete < n
+    programs = nsplit + extra.to(tl.int32)
     bh64 = bh.to(tl.int64)
     kp_base = kp_ptr + bh64 * stride_kp
     ks_base = ks_ptr + bh64 * stride_kg
@@ -199,7 +204,7 @@ def decode_int4_kernel(
         if sp < nsplit:
             # complete key groups only: the group in progress has no codes yet
             p0 = b0 * BLOCK
-            p1 = tl.minimum(b1 * BLOCK, n // TW * TW)
+            p1 = tl.minimum(b1 * BLOCK, complete)
             SPAN: tl.constexpr = PREFETCH_BLOCKS * BLOCK
             prefetch_positions(kp_base, p0, p1, D // 2, SPAN)
             prefetch_positions(vp_base, p0, p1, D // 2, SPAN)  # 32-position tiles of D x 16 B
@@ -208,7 +213,7 @@ def decode_int4_kernel(
             prefetch_positions(vs_base, p0, p1, GV, SPAN)
             prefetch_positions(vz_base, p0, p1, GV, SPAN)
     await_inputs(PDL)
-    if sp < nsplit:
+    if (sp < nsplit) | ((sp == SPLITS) & extra):
         b = bh // HKV
         h = bh % HKV
         offs_d = tl.arange(0, D)
@@ -224,40 +229,43 @@ def decode_int4_kernel(
         v_bias = tl.zeros((W, M, 16), tl.float32)  # sum of P * (zero - code offset) per row, x16
         f = tl.full((W,), 1.0, tl.float32)
         first = offs_w == 0
-        if SINK > 0:
-            if sp == 0:  # the 16-bit sink positions, by warp 0 of the first split
-                sink_end = tl.minimum(n, SINK)
-                for c in range(0, tl.cdiv(sink_end, TW)):
-                    tok = c * TW + offs_t[None, :] + 0 * offs_w[:, None]  # (W, 32)
-                    valid = first[:, None] & (tok < sink_end) & (tok >= lo)
-                    sink_base = bh64 * stride_sink
-                    scores = _fp16_scores(ksink_ptr + sink_base, tok, valid, q3, q_unscale, D,
-                                          F16)
-                    ones = tl.where(valid[:, None, :], 1.0, 0.0)  # 16-bit values: no scale
-                    ones = tl.broadcast_to(ones, (W, GV, TW))
-                    pv, m, l, acc, v_bias, f = _probabilities(scores, valid, m, l, acc, v_bias,
-                                                              f, ones, W, GV, G_PAD, F16)
-                    v = tl.load(vsink_ptr + sink_base + tok[:, :, None] * D + offs_d[None, None, :],
-                                mask=valid[:, :, None], other=0.0)  # (W, 32, D)
-                    acc = mma(tl.reshape(pv, (W, M, TW)), v.to(pv.dtype), acc, F16)
-        complete = n // TW * TW  # positions before it: quantized keys, as the newest query sees
-        for blk in range(b0, b1):
-            start = blk * BLOCK + offs_w * TW  # (W,) first position of each warp
-            tok = start[:, None] + offs_t[None, :]  # (W, 32)
-            valid = (tok < complete) & (tok >= lo) & (tok >= SINK)
-            # a warp's key group is complete or wholly past `complete` (both are multiples of
-            # 32): clamp the group index into the filled part instead of masking 16-byte loads;
-            # its scores are masked
-            safe = tl.where(start < complete, start, 0)
-            scores = _quantized_scores(kp_base, ks_base, kz_base, safe, offs_t, q_even, q_odd,
-                                       q_unscale, D, W, G_PAD, F16, ASM)
-            pv, m, l, acc, v_bias, f = _probabilities(
-                scores, valid, m, l, acc, v_bias, f, _value_scales(vs_base, tok, valid, GV), W,
-                GV, G_PAD, F16)
-            acc, v_bias = _quantized_values(pv, acc, v_bias, vp_base, vz_base, safe, tok, valid,
-                                            D, W, GV, G_PAD, F16, ASM)
-        if (complete < n) & (complete >= b0 * BLOCK) & (complete < b1 * BLOCK):
-            # the group in progress: 16-bit keys from the residual window, by warp 0
+        if sp < nsplit:
+            if SINK > 0:
+                if sp == 0:  # the 16-bit sink positions, by warp 0 of the first split
+                    sink_end = tl.minimum(n, SINK)
+                    for c in range(0, tl.cdiv(sink_end, TW)):
+                        tok = c * TW + offs_t[None, :] + 0 * offs_w[:, None]  # (W, 32)
+                        valid = first[:, None] & (tok < sink_end) & (tok >= lo)
+                        sink_base = bh64 * stride_sink
+                        scores = _fp16_scores(ksink_ptr + sink_base, tok, valid, q3, q_unscale,
+                                              D, F16)
+                        ones = tl.where(valid[:, None, :], 1.0, 0.0)  # 16-bit values: no scale
+                        ones = tl.broadcast_to(ones, (W, GV, TW))
+                        pv, m, l, acc, v_bias, f = _probabilities(scores, valid, m, l, acc,
+                                                                  v_bias, f, ones, W, GV, G_PAD,
+                                                                  F16)
+                        v = tl.load(vsink_ptr + sink_base + tok[:, :, None] * D
+                                    + offs_d[None, None, :], mask=valid[:, :, None],
+                                    other=0.0)  # (W, 32, D)
+                        acc = mma(tl.reshape(pv, (W, M, TW)), v.to(pv.dtype), acc, F16)
+            for blk in range(b0, b1):
+                start = blk * BLOCK + offs_w * TW  # (W,) first position of each warp
+                tok = start[:, None] + offs_t[None, :]  # (W, 32)
+                valid = (tok < complete) & (tok >= lo) & (tok >= SINK)
+                # a warp's key group is complete or wholly past `complete` (both are multiples
+                # of 32): clamp the group index into the filled part instead of masking 16-byte
+                # loads; its scores are masked
+                safe = tl.where(start < complete, start, 0)
+                scores = _quantized_scores(kp_base, ks_base, kz_base, safe, offs_t, q_even,
+                                           q_odd, q_unscale, D, W, G_PAD, F16, ASM)
+                pv, m, l, acc, v_bias, f = _probabilities(
+                    scores, valid, m, l, acc, v_bias, f, _value_scales(vs_base, tok, valid, GV),
+                    W, GV, G_PAD, F16)
+                acc, v_bias = _quantized_values(pv, acc, v_bias, vp_base, vz_base, safe, tok,
+                                                valid, D, W, GV, G_PAD, F16, ASM)
+        else:
+            # the group in progress: 16-bit keys from the residual window, by warp 0 (the split
+            # holding it would otherwise run one step more than the others: +2.6 us a layer)
             tok = complete + offs_t[None, :] + 0 * offs_w[:, None]  # (W, 32)
             valid = first[:, None] & (tok < n) & (tok >= lo) & (tok >= SINK)
             scores = _fp16_scores(kr_ptr + bh64 * stride_kr - complete * D, tok, valid, q3,
@@ -274,5 +282,5 @@ def decode_int4_kernel(
         own = offs_gv[None, :, None, None] == (offs_d // 32)[None, None, None, :]
         out = tl.sum(tl.where(own, acc4, 0.0), axis=1) / f[:, None, None]  # (W, G_PAD, D)
         out, m_all, l_all = merge_warps(out, m, l)
-        finish(out, m_all, l_all, bh, sp, nsplit, out_ptr, stride_ob, stride_oh, ws_ptr, ml_ptr,
-               lock_ptr, HKV, G, G_PAD, G_ST, D, SPLITS, SPLITS_P2, CHUNK)
+        finish(out, m_all, l_all, bh, sp, nsplit, programs, out_ptr, stride_ob, stride_oh, ws_ptr,
+               ml_ptr, lock_ptr, HKV, G, G_PAD, G_ST, D, SPLITS, SPLITS + 1, SPLITS_P2, CHUNK)

@@ -168,5 +168,5 @@ def decode_int8_kernel(
                       acc * rescale[:, :, None], F16)
         acc = acc / f[:, None, None]
         out, m_all, l_all = merge_warps(acc, m, l)
-        finish(out, m_all, l_all, bh, sp, nsplit, out_ptr, stride_ob, stride_oh, ws_ptr, ml_ptr,
-               lock_ptr, HKV, G, G_PAD, G_ST, D, SPLITS, SPLITS_P2, CHUNK)
+        finish(out, m_all, l_all, bh, sp, nsplit, nsplit, out_ptr, stride_ob, stride_oh, ws_ptr,
+               ml_ptr, lock_ptr, HKV, G, G_PAD, G_ST, D, SPLITS, SPLITS, SPLITS_P2, CHUNK)

@@ -25,8 +25,9 @@ Measured on H100 (commit 505e602): the earlier merge walked the splits one load 
 dependent L2 round trips at 64 splits, and was most of a ~25 us fixed cost per layer (bf16 at 32k:
 72.9 us against 46.6 us of streaming at the 128k rate).
 
-Workspace layouts (fp32): ws (B*Hkv, SPLITS, G_ST, D) partial outputs, ml (B*Hkv, 2, SPLITS,
-G_ST) running max then running sum; G_ST = next_power_of_2(G).
+Workspace layouts (fp32): ws (B*Hkv, SLOTS, G_ST, D) partial outputs, ml (B*Hkv, 2, SLOTS,
+G_ST) running max then running sum; G_ST = next_power_of_2(G); SLOTS = SPLITS, plus one for the
+int4 kernel's program of the key group in progress.
 """
 from __future__ import annotations
 
@@ -93,57 +94,77 @@ def merge_warps(acc, m, l):
 
 
 @triton.jit
-def finish(acc, m, l, bh, sp, nsplit, out_ptr, stride_ob, stride_oh, ws_ptr, ml_ptr, lock_ptr,
+def finish(acc, m, l, bh, slot, splits, programs, out_ptr, stride_ob, stride_oh, ws_ptr, ml_ptr, lock_ptr,
            HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, G_ST: tl.constexpr,
-           D: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+           D: tl.constexpr, SPLITS: tl.constexpr, SLOTS: tl.constexpr, SPLITS_P2: tl.constexpr,
            CHUNK: tl.constexpr):
-    """Store this split's partial (acc (G_PAD, D), m, l (G_PAD,)); the last split of (batch, KV
-    head) `bh` to arrive merges all of them and writes out[b, h*G + g, 0, :] for g < G; a
-    lone split (nsplit == 1) writes it directly.
+    """Store this program's partial (acc (G_PAD, D), m, l (G_PAD,)) in workspace slot `slot`; the
+    last of the `programs` programs of (batch, KV head) `bh` to arrive merges them and writes
+    out[b, h*G + g, 0, :] for g < G; a lone program (programs == 1) writes it directly.
+    Slots [0, splits) hold the splits' partials; with SLOTS == SPLITS + 1, slot SPLITS is an extra
+    program's (the int4 kernel's group in progress), counted in `programs` when it ran.
     SPLITS_P2 = next_power_of_2(SPLITS); CHUNK, a power of two <= SPLITS_P2."""
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
     rows = offs_g < G
-    if nsplit == 1:
+    if programs == 1:
         b = bh // HKV
         h = bh % HKV
         out = acc / tl.where(l > 0, l, 1.0)[:, None]  # rows >= G: 0, not NaN
         ptrs = out_ptr + b * stride_ob + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :]
         tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=rows[:, None])
     else:
-        _store_and_merge(acc, m, l, bh, sp, nsplit, out_ptr, stride_ob, stride_oh, ws_ptr, ml_ptr,
-                         lock_ptr, HKV, G, G_PAD, G_ST, D, SPLITS, SPLITS_P2, CHUNK)
+        _store_and_merge(acc, m, l, bh, slot, splits, programs, out_ptr, stride_ob, stride_oh, ws_ptr,
+                         ml_ptr, lock_ptr, HKV, G, G_PAD, G_ST, D, SPLITS, SLOTS, SPLITS_P2,
+                         CHUNK)
 
 
 @triton.jit
-def _store_and_merge(acc, m, l, bh, sp, nsplit, out_ptr, stride_ob, stride_oh, ws_ptr, ml_ptr,
-                     lock_ptr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+def _store_and_merge(acc, m, l, bh, slot, splits, programs, out_ptr, stride_ob, stride_oh, ws_ptr,
+                     ml_ptr, lock_ptr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
                      G_ST: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                     SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr):
-    """finish's path for nsplit > 1: the partial to the workspace, the last arrival merges."""
+                     SLOTS: tl.constexpr, SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr):
+    """finish's path for programs > 1: the partial to the workspace, the last arrival merges."""
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
     rows = offs_g < G
-    ws_bh = ws_ptr + bh * (SPLITS * G_ST * D)
-    ml_bh = ml_ptr + bh * (2 * SPLITS * G_ST)
-    tl.store(ws_bh + (sp * G_ST + offs_g)[:, None] * D + offs_d[None, :], acc,
+    ws_bh = ws_ptr + bh * (SLOTS * G_ST * D)
+    ml_bh = ml_ptr + bh * (2 * SLOTS * G_ST)
+    tl.store(ws_bh + (slot * G_ST + offs_g)[:, None] * D + offs_d[None, :], acc,
              mask=rows[:, None])
-    tl.store(ml_bh + sp * G_ST + offs_g, m, mask=rows)
-    tl.store(ml_bh + (SPLITS + sp) * G_ST + offs_g, l, mask=rows)
-    if last_arrival(lock_ptr + bh, nsplit):
-        offs_s = tl.arange(0, SPLITS_P2)
+    tl.store(ml_bh + slot * G_ST + offs_g, m, mask=rows)
+    tl.store(ml_bh + (SLOTS + slot) * G_ST + offs_g, l, mask=rows)
+    if last_arrival(lock_ptr + bh, programs):
         offs_r = tl.arange(0, G_ST)
+        real = offs_r < G
+        if SLOTS > SPLITS:
+            # the extra slot's partial, loaded with the splits' so they arrive together
+            # (a tensor compare: the interpreter rejects a scalar one inside a mask)
+            extra = real & ((offs_r * 0 + programs) > splits)
+            m_x = tl.load(ml_bh + SPLITS * G_ST + offs_r, mask=extra, other=M_INIT,
+                          cache_modifier=".cg")
+            l_x = tl.load(ml_bh + (SLOTS + SPLITS) * G_ST + offs_r, mask=extra, other=0.0,
+                          cache_modifier=".cg")
+            part_x = tl.load(ws_bh + (SPLITS * G_ST + offs_r)[:, None] * D + offs_d[None, :],
+                             mask=extra[:, None], other=0.0, cache_modifier=".cg")
+        offs_s = tl.arange(0, SPLITS_P2)
         tile = offs_s[:, None] * G_ST + offs_r[None, :]  # (SPLITS_P2, G_ST)
-        live = (offs_s[:, None] < nsplit) & (offs_r[None, :] < G)
+        live = (offs_s[:, None] < splits) & real[None, :]
         m_s = tl.load(ml_bh + tile, mask=live, other=M_INIT, cache_modifier=".cg")
-        l_s = tl.load(ml_bh + SPLITS * G_ST + tile, mask=live, other=0.0, cache_modifier=".cg")
+        l_s = tl.load(ml_bh + SLOTS * G_ST + tile, mask=live, other=0.0, cache_modifier=".cg")
         m_all = tl.max(m_s, axis=0)  # (G_ST,)
+        if SLOTS > SPLITS:
+            m_all = tl.maximum(m_all, m_x)
         l_all = tl.sum(tl.math.exp2(m_s - m_all[None, :]) * l_s, axis=0)
-        offs_c = tl.arange(0, CHUNK)
         total = tl.zeros((G_ST, D), tl.float32)
+        if SLOTS > SPLITS:
+            w_x = tl.math.exp2(m_x - m_all)
+            l_all += w_x * l_x
+            total += w_x[:, None] * part_x
+        offs_c = tl.arange(0, CHUNK)
         for c0 in tl.static_range(0, SPLITS_P2, CHUNK):
             s = c0 + offs_c
-            part_live = (s[:, None] < nsplit) & (offs_r[None, :] < G)  # (CHUNK, G_ST)
+            part_live = (s[:, None] < splits) & real[None, :]  # (CHUNK, G_ST)
             ptrs = ws_bh + ((s[:, None] * G_ST + offs_r[None, :]) * D)[:, :, None] \
                 + offs_d[None, None, :]  # (CHUNK, G_ST, D)
             # the partials first: their loads need nothing loaded before, so they are in flight

@@ -75,10 +75,12 @@ def test_int4_decode_matches_reference(heads, kv_heads, head_dim, n, dtype):
 
 
 @pytest.mark.parametrize("launch", [dict(num_warps=4, splits=2), dict(num_warps=1, splits=5),
-                                    dict(num_warps=8)], ids=["w4-s2", "w1-s5", "w8-default"])
+                                    dict(num_warps=8), dict(num_warps=2, splits=1)],
+                         ids=["w4-s2", "w1-s5", "w8-default", "w2-s1"])
 def test_int4_decode_launch_variants(launch):
-    """Blocks of 128 / 32 / 256 positions: warps whose group lies past n, splits with one block,
-    more splits than blocks."""
+    """Blocks of 128 / 32 / 256 / 64 positions: warps whose group lies past n, splits with one
+    block, more splits than blocks, one split merged with the group in progress's program (n =
+    161: 5 keys in progress)."""
     assert run(8, 2, 64, 161, torch.float16, **launch) < TOL[torch.float16]
 
 
