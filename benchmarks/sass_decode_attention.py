@@ -90,7 +90,7 @@ def variants():
     int8 = dict(ws, k_ptr="i8", v_ptr="i8", ks_ptr="fp16", vs_ptr="fp16")
     for w, t in ((4, 32), (4, 64), (2, 64), (8, 32)):
         yield (f"int8 {w} warps x {t}", I8.decode_int8_kernel, int8,
-               dict(split, G_PAD=4, TW=t, W=w, VT=64, F16=True, ASM=True), w, w * t * 260)
+               dict(split, G_PAD=4, TW=t, W=w, VT=64, F16=True, ASM=True, AHEAD=1), w, w * t * 260)
     int4 = dict(ws, kp_ptr="u8", ks_ptr="fp16", kz_ptr="u8", vp_ptr="u8", vs_ptr="fp16",
                 vz_ptr="u8")
     for w in (4, 2, 8):  # 32 positions (one key group) a warp and iteration

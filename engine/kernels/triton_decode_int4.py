@@ -173,6 +173,19 @@ def _value_scales(vs_base, tok, valid, GV: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_int4(kp_base, ks_base, kz_base, vp_base, vs_base, vz_base, p0, p1,
+                   D: tl.constexpr, GV: tl.constexpr, SPAN: tl.constexpr):
+    """Complete key groups only (p1 <= n // 32 * 32): the group in progress has no codes yet."""
+    TW: tl.constexpr = TOKENS_PER_WARP
+    prefetch_positions(kp_base, p0, p1, D // 2, SPAN)
+    prefetch_positions(vp_base, p0, p1, D // 2, SPAN)  # 32-position tiles of D x 16 B
+    prefetch_positions(ks_base, p0 // TW, p1 // TW, D, SPAN // TW)
+    prefetch_positions(kz_base, p0 // TW, p1 // TW, D, SPAN // TW)
+    prefetch_positions(vs_base, p0, p1, GV, SPAN)
+    prefetch_positions(vz_base, p0, p1, GV, SPAN)
+
+
+@triton.jit
 def decode_int4_kernel(
         q_ptr, out_ptr, pos_ptr, kp_ptr, ks_ptr, kz_ptr, kr_ptr, vp_ptr, vs_ptr, vz_ptr,
         ksink_ptr, vsink_ptr, ws_ptr, ml_ptr, lock_ptr,
@@ -202,16 +215,8 @@ def decode_int4_kernel(
     vz_base = vz_ptr + bh64 * stride_vg
     if ASM:
         if sp < nsplit:
-            # complete key groups only: the group in progress has no codes yet
-            p0 = b0 * BLOCK
-            p1 = tl.minimum(b1 * BLOCK, complete)
-            SPAN: tl.constexpr = PREFETCH_BLOCKS * BLOCK
-            prefetch_positions(kp_base, p0, p1, D // 2, SPAN)
-            prefetch_positions(vp_base, p0, p1, D // 2, SPAN)  # 32-position tiles of D x 16 B
-            prefetch_positions(ks_base, p0 // TW, p1 // TW, D, SPAN // TW)
-            prefetch_positions(kz_base, p0 // TW, p1 // TW, D, SPAN // TW)
-            prefetch_positions(vs_base, p0, p1, GV, SPAN)
-            prefetch_positions(vz_base, p0, p1, GV, SPAN)
+            _prefetch_int4(kp_base, ks_base, kz_base, vp_base, vs_base, vz_base, b0 * BLOCK,
+                           tl.minimum(b1 * BLOCK, complete), D, GV, PREFETCH_BLOCKS * BLOCK)
     await_inputs(PDL)
     if (sp < nsplit) | ((sp == SPLITS) & extra):
         b = bh // HKV

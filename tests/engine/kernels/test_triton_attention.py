@@ -294,12 +294,12 @@ ptx = build(A._decode_dense_kernel, ws, dict(split, G_PAD=16, BLOCK_N=64, IEEE=F
                                              PREFETCH=True, PDL=True)).asm["ptx"]
 print("split merge", ptx.count("atom.global.gpu.release.add"), ptx.count("ld.global.gpu.acquire"))
 print("dense prefetch", *prefetches(ptx))
-for warps, tw in ((4, 64), (2, 32)):
+for warps, tw, ahead in ((4, 64, 0), (2, 32, 0), (4, 32, 1)):
     ptx = build(I8.decode_int8_kernel, dict(ws, k_ptr="i8", v_ptr="i8", ks_ptr="fp16",
                                             vs_ptr="fp16"),
-                dict(split, G_PAD=4, TW=tw, W=warps, VT=64, F16=True, ASM=True, PDL=True),
-                num_warps=warps).asm["ptx"]
-    print("int8 prefetch", *prefetches(ptx))
+                dict(split, G_PAD=4, TW=tw, W=warps, VT=64, F16=True, ASM=True, AHEAD=ahead,
+                     PDL=True), num_warps=warps).asm["ptx"]
+    print("ahead" if ahead else "int8", "prefetch", *prefetches(ptx))
 for warps, sink in ((4, 0), (2, 4)):
     ptx = build(I4.decode_int4_kernel, dict(ws, kp_ptr="u8", ks_ptr="fp16", kz_ptr="u8",
                                             vp_ptr="u8", vs_ptr="fp16", vz_ptr="u8"),
@@ -319,7 +319,8 @@ def test_kernels_compile_for_sm90():
     """The interpreter runs what the compiler rejects (a plain global read inside a kernel, say):
     compile every kernel for an H100 (sm_90) ahead of time, no GPU needed, interpreter off. The
     split merge releases each partial and acquires only in the last arrival; each decode kernel
-    asks L2 for its first blocks before the PDL wait, and never after it."""
+    asks L2 for its first blocks before the PDL wait; the int8 kernel, with AHEAD, for the block
+    ahead in its loop too."""
     done = run_sm90_compile(COMPILE_SCRIPT)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
     assert "split merge 1 1" in done.stdout, done.stdout
@@ -327,6 +328,8 @@ def test_kernels_compile_for_sm90():
         line = next(ln for ln in done.stdout.splitlines() if ln.startswith(f"{kind} prefetch"))
         before, after = map(int, line.split()[2:])
         assert before > 0 and after == 0, line
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("ahead prefetch"))
+    assert all(int(c) > 0 for c in line.split()[2:]), line
 
 
 # ---- GPU (device run): real shapes, bf16, CUDA graphs ----
