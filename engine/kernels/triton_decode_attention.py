@@ -109,22 +109,21 @@ DEFAULTS = {
     # 0: 40.3 / 133.2, 1: 39.4 / 127.1, 2: 40.7 / 142.9, 4: 46.9 / 193.4 (the same prefetch
     # made the dense and int4 kernels slower at every distance: 59.7 -> 61.2, 32.1 -> 34.6 us
     # at 32k for one block ahead)
-    "int8": dict(warp_tokens=32, num_warps=4, num_stages=2, programs_per_sm=3, min_blocks=1,
-                 ahead=1, maxnreg=168),
-    "int4": dict(num_warps=4, num_stages=2, programs_per_sm=3, min_blocks=1, maxnreg=168),
+    "int8": dict(warp_tokens=32, num_warps=4, num_stages=2, programs_per_sm=2, min_blocks=1,
+                 ahead=1),
+    "int4": dict(num_warps=4, num_stages=2, programs_per_sm=2, min_blocks=1),
 }
 
 
 def default_splits(device: torch.device, batch_heads: int, max_blocks: int,
                    programs_per_sm: int = 4) -> int:
     """About enough programs to fill every SM once at long contexts (132 SMs, 8 KV heads, 2
-    programs per SM: 32 splits; 3: 48), never more than the cache has blocks: a power of two up
-    to 16, a multiple of 16 above (the merge pads the count to a power of two, masked; 66 splits
-    took 90.6 us at 32k against 74.8 for 64, two waves of programs against one)."""
+    programs per SM: 32 splits), a power of two (the merge pads the split count to one: 66
+    splits took 90.6 us at 32k against 74.8 for 64), never more than the cache has blocks."""
     # 4 SMs under the interpreter: a few splits exercise the merge
     want = max(1, -(-programs_per_sm * num_sms(device, interpreted=4) // batch_heads))
     fit = max(1, min(want, 128, max_blocks))
-    return fit // 16 * 16 if fit >= 16 else 1 << (fit.bit_length() - 1)
+    return 1 << (fit.bit_length() - 1)
 
 
 def _workspace(device, bh: int, splits: int, g_st: int, d: int):
@@ -189,8 +188,7 @@ def decode_attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor
     common = dict(HKV=hkv, G=g, G_ST=g_st, D=d, SPLITS=sp, SPLITS_P2=sp2,
                   CHUNK=merge_chunk(sp2, g_st, d, nw), MIN_BLOCKS=cfg["min_blocks"],
                   HAS_WINDOW=window is not None,
-                  num_warps=nw, num_stages=cfg["num_stages"], **pdl_options(q.device),
-                  **({} if cfg.get("maxnreg") is None else {"maxnreg": cfg["maxnreg"]}))
+                  num_warps=nw, num_stages=cfg["num_stages"], **pdl_options(q.device))
     grid = (b * hkv, sp)
     win = 0 if window is None else int(window)
     head = (q, out, positions)
