@@ -94,8 +94,8 @@ def merge_warps(acc, m, l):
 
 
 @triton.jit
-def finish(acc, m, l, bh, slot, splits, programs, out_ptr, stride_ob, stride_oh, ws_ptr, ml_ptr, lock_ptr,
-           HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, G_ST: tl.constexpr,
+def finish(acc, m, l, bh, slot, splits, programs, out_ptr, stride_ob, stride_oh, ws_ptr, ml_ptr,
+           lock_ptr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, G_ST: tl.constexpr,
            D: tl.constexpr, SPLITS: tl.constexpr, SLOTS: tl.constexpr, SPLITS_P2: tl.constexpr,
            CHUNK: tl.constexpr):
     """Store this program's partial (acc (G_PAD, D), m, l (G_PAD,)) in workspace slot `slot`; the
@@ -114,9 +114,9 @@ def finish(acc, m, l, bh, slot, splits, programs, out_ptr, stride_ob, stride_oh,
         ptrs = out_ptr + b * stride_ob + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :]
         tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=rows[:, None])
     else:
-        _store_and_merge(acc, m, l, bh, slot, splits, programs, out_ptr, stride_ob, stride_oh, ws_ptr,
-                         ml_ptr, lock_ptr, HKV, G, G_PAD, G_ST, D, SPLITS, SLOTS, SPLITS_P2,
-                         CHUNK)
+        _store_and_merge(acc, m, l, bh, slot, splits, programs, out_ptr, stride_ob, stride_oh,
+                         ws_ptr, ml_ptr, lock_ptr, HKV, G, G_PAD, G_ST, D, SPLITS, SLOTS,
+                         SPLITS_P2, CHUNK)
 
 
 @triton.jit

@@ -324,12 +324,11 @@ def test_kernels_compile_for_sm90():
     done = run_sm90_compile(COMPILE_SCRIPT)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
     assert "split merge 1 1" in done.stdout, done.stdout
-    for kind in ("dense", "int8", "int8", "int4", "int4"):
-        line = next(ln for ln in done.stdout.splitlines() if ln.startswith(f"{kind} prefetch"))
-        before, after = map(int, line.split()[2:])
-        assert before > 0 and after == 0, line
-    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("ahead prefetch"))
-    assert all(int(c) > 0 for c in line.split()[2:]), line
+    counts = [(ln.split()[0], *map(int, ln.split()[2:])) for ln in done.stdout.splitlines()
+              if ln.split()[1:2] == ["prefetch"]]
+    assert [c[0] for c in counts] == ["dense", "int8", "int8", "ahead", "int4", "int4"], counts
+    for kind, before, after in counts:
+        assert before > 0 and (after > 0) == (kind == "ahead"), counts
 
 
 # ---- GPU (device run): real shapes, bf16, CUDA graphs ----
