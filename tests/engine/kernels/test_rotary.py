@@ -167,3 +167,41 @@ def test_gpu_rotary_update_dense_cache(dtype):
     assert rel_err(got_cache.k[1, :, :, 1234], want_cache.k[1, :, :, 1234]) < TOL[dtype]
     assert torch.equal(got_cache.v[1, :, :, 1234], want_cache.v[1, :, :, 1234])
     assert got_cache.k[:, :, :, :1234].isnan().all() and got_cache.v[0].isnan().all()
+
+
+@on_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", [8, 4])
+@pytest.mark.parametrize("position", [1234, 1247])  # 1247: the int4 key group completes
+def test_gpu_rotary_update_quantized_cache(kind, position):
+    """int8 / int4 caches at one decode token: the write kernel does the rotary too (one launch);
+    q, k and the written position read back as the reference's (bf16, Llama-3-8B heads)."""
+    dtype = torch.bfloat16
+    q, k, v = projected(1, 1, 32, 8, 128, dtype, device="cuda", seed=6)
+    positions = torch.tensor([position], device="cuda")
+    cos, sin = cos_sin(32, 8, 128, positions, dtype)
+    want_cache, got_cache = (_cache(kind, 32, 8, 128, dtype, "cuda", 1, 2048) for _ in range(2))
+    for c in (want_cache, got_cache):  # the group's earlier keys, for the int4 completion
+        for p in range(position - position % 32, position):
+            c.update(1, torch.tensor([p], device="cuda"), k.view(1, 1, 8, 128).transpose(1, 2),
+                     v.view(1, 1, 8, 128).transpose(1, 2))
+    want = ref.rotary_update(q, k, v, cos, sin, want_cache, 1, positions)
+    with use_backend("triton"):
+        got = dispatch("rotary_update", q, k, v, cos, sin, got_cache, 1, positions)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < TOL[dtype]
+    n = position + 1
+    if kind == 8:
+        pairs = [(g[:, :, position], w[:, :, position])
+                 for g, w in zip(got_cache.read(1, n), want_cache.read(1, n))]
+    else:
+        start = position - position % 32
+        pairs = [(got_cache.dequantized_values(1, n)[:, :, position],
+                  want_cache.dequantized_values(1, n)[:, :, position]),
+                 (got_cache.k_residual[1, :, :, position % 32],
+                  want_cache.k_residual[1, :, :, position % 32])]
+        if position % 32 == 31:  # the completed group's quantized keys
+            pairs.append((got_cache.dequantized_keys(1, n)[:, :, start:],
+                          want_cache.dequantized_keys(1, n)[:, :, start:]))
+    for g, w in pairs:
+        assert rel_err(g, w) < 10 * TOL[dtype]

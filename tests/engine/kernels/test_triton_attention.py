@@ -23,6 +23,7 @@ from lowbit.engine.kernels.triton_common import buffer  # noqa: E402
 from lowbit.engine.kernels.triton_decode_attention import decode_attention  # noqa: E402
 from lowbit.engine.kernels.triton_decode_split import split_plan  # noqa: E402
 from lowbit.engine.kernels.triton_kv_update import decode_write  # noqa: E402
+from lowbit.engine.kernels.triton_rotary import rotary  # noqa: E402
 from lowbit.engine.kv_cache import DenseKVCache  # noqa: E402
 from lowbit.engine.kv_quant import Int4KVCache, Int8KVCache  # noqa: E402
 from attention_cases import config  # noqa: E402
@@ -209,6 +210,38 @@ def test_decode_write_equals_torch_update(kind):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("kind,sink", [("int8", 0), ("int4", 0), ("int4", 5)])
+def test_decode_write_with_rotary_equals_rotary_then_write(kind, sink):
+    """The fused launch (rotary of the token's query group and key, then the write) returns
+    rotary's q and k bit for bit and stores the bytes of rotary followed by the plain write, over
+    positions that complete key groups (31, 63) and an int8 value tile (63); 3 query heads a KV
+    head (padded to 4), q and k column slices of one qkv row as the model passes them."""
+    heads, kv_heads, d = 6, 2, 64
+    cfg = config(heads, kv_heads, d)
+    extra = {"sink_tokens": sink} if kind == "int4" else {}
+    plain, fused = (KINDS[kind](cfg, 2, 72, torch.float16, "cpu", **extra) for _ in range(2))
+    gen = torch.Generator().manual_seed(2)
+    for p in range(66):
+        qkv = (torch.randn(2, 1, (heads + 2 * kv_heads) * d, generator=gen) * 3).half()
+        q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        v = v.reshape(2, 1, kv_heads, d).transpose(1, 2)
+        angle = torch.rand(1, d // 2, generator=gen) * 6.3
+        cos, sin = (f(torch.cat((angle, angle), dim=-1)).half() for f in (torch.cos, torch.sin))
+        pos = torch.tensor([p])
+        q_want, k_want = rotary(q, k, cos, sin)
+        decode_write(plain, 1, pos, k_want, v)
+        q_out = torch.empty(2, 1, heads, d, dtype=torch.float16)
+        k_out = torch.empty(2, 1, kv_heads, d, dtype=torch.float16).transpose(1, 2)
+        decode_write(fused, 1, pos, k_out, v, rotate=(q, k, cos, sin, q_out))
+        assert torch.equal(q_out.transpose(1, 2), q_want) and torch.equal(k_out, k_want), p
+    for name, a in vars(plain).items():
+        if isinstance(a, torch.Tensor):
+            b = getattr(fused, name)
+            if name == "k_residual":  # only the group in progress (64, 65) is ever read
+                a, b = a[:, :, :, :2], b[:, :, :, :2]
+            assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("kind", ["dense", "int8", "int4"])
 def test_prefill_chunk(kind):
     """A chunk of 70 queries after a 45-token prefix: dense and int8 equal the reference; int4
@@ -306,11 +339,13 @@ for warps, sink in ((4, 0), (2, 4)):
                 dict(split, G_PAD=4, W=warps, GV=4, SINK=sink, F16=True, ASM=True, PDL=True),
                 num_warps=warps).asm["ptx"]
     print("int4 prefetch", *prefetches(ptx))
-build(U._int8_write_kernel, {"pos_ptr": "i64", "kq_ptr": "i8", "vq_ptr": "i8", "ks_ptr": "fp16",
-                             "vs_ptr": "fp16"}, dict(HKV=8, D=128, VT=64, PDL=True))
-build(U._int4_write_kernel, {"pos_ptr": "i64", "kp_ptr": "u8", "ks_ptr": "fp16", "kz_ptr": "u8",
-                             "vp_ptr": "u8", "vs_ptr": "fp16", "vz_ptr": "u8"},
-      dict(HKV=8, D=128, GV=4, SINK=4, PDL=True))
+for rotate in (False, True):  # with the rotary of the token's query group and key
+    build(U._int8_write_kernel, {"pos_ptr": "i64", "kq_ptr": "i8", "vq_ptr": "i8",
+                                 "ks_ptr": "fp16", "vs_ptr": "fp16"},
+          dict(HKV=8, D=128, VT=64, G=4, G_P=4, ROTATE=rotate, PDL=True))
+    build(U._int4_write_kernel, {"pos_ptr": "i64", "kp_ptr": "u8", "ks_ptr": "fp16",
+                                 "kz_ptr": "u8", "vp_ptr": "u8", "vs_ptr": "fp16", "vz_ptr": "u8"},
+          dict(HKV=8, D=128, GV=4, SINK=4, G=4, G_P=4, ROTATE=rotate, PDL=True))
 print("compiled")
 """
 
