@@ -1,5 +1,6 @@
-"""The "triton" backend of rms_norm, add_rms_norm, rotary_update (rotary + the dense cache's
-update) and silu_mul: one launch each.
+"""The "triton" backend of rms_norm, add_rms_norm, rotary_update (rotary + the cache update: the
+dense cache's in the rotary launch, an int8 / int4 cache's at a decode token in its write launch)
+and silu_mul: one launch each.
 
 Registered with cuda priority 10 (the torch references are 100). On CPU they run only under the
 Triton interpreter (TRITON_INTERPRET=1, tests) and only when forced.
