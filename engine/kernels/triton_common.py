@@ -286,12 +286,16 @@ def _store_tile(acc, offs_n, offs_m, N, M, out_ptr, stride_om, bias_ptr, HAS_BIA
 
 
 @triton.jit
-def prefetch_l2(first, count, LINES: tl.constexpr, LINE: tl.constexpr):
-    """Ask L2 for the LINES 128-byte lines from `first` (LINE elements a line), those of the first
-    `count` elements only (the rest ask for `first` again): a hint, nothing waits for it. L1 is
-    not filled, so a line written later by the kernel before is never read stale from it."""
-    offs = tl.arange(0, LINES) * LINE
-    ptrs = first + tl.where(offs < count, offs, 0)
+def prefetch_l1(ptrs):
+    """Ask L1 for the lines holding ptrs (a hint: nothing waits for it, nothing returns)."""
+    tl.inline_asm_elementwise("prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask L2 for the lines holding ptrs (a hint, as prefetch_l1). L1 is not filled, so a line
+    written later by the kernel before is never read stale from it."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
                               dtype=tl.int32, is_pure=False, pack=1)
 

@@ -68,10 +68,12 @@ def split_range(pos_ptr, window, sp, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr
 def prefetch_positions(base, p0, p1, ROW: tl.constexpr, SPAN: tl.constexpr):
     """Ask L2 for positions [p0, min(p1, p0 + SPAN)) of a position-major array, ROW elements a
     position (a hint before the PDL wait: the first blocks' bytes arrive while the program waits
-    for the kernel before and loads its queries)."""
+    for the kernel before and loads its queries): one address a 128-byte line, those past p1
+    ask for the first line again."""
     LINE: tl.constexpr = 1024 // base.dtype.element_ty.primitive_bitwidth  # elements in 128 B
     LINES: tl.constexpr = (SPAN * ROW + LINE - 1) // LINE
-    prefetch_l2(base + p0 * ROW, (p1 - p0) * ROW, LINES, LINE)
+    offs = tl.arange(0, LINES) * LINE
+    prefetch_l2(base + p0 * ROW + tl.where(offs < (p1 - p0) * ROW, offs, 0))
 
 
 @triton.jit

@@ -38,7 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .triton_common import (Plan, await_inputs, cdiv, finish_tile, interpreting,
-                            next_power_of_2, pdl_options, split_launch)
+                            next_power_of_2, pdl_options, prefetch_l1, split_launch)
 from .triton_weight_codes import code_bias, nibble_codes
 
 
@@ -57,13 +57,6 @@ def _chunk_dot(q, x, BITS: tl.constexpr, BIAS: tl.constexpr, ASM: tl.constexpr,
         # the high nibbles weigh 16: their dot scaled in fp32 (16 x could overflow fp16)
         part = tl.dot(high, tl.trans(x), input_precision=DOT_PRECISION) * 16.0
         return tl.dot(low, tl.trans(x), part, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def prefetch_l1(ptrs):
-    """Ask L1 for the lines holding ptrs (a hint: nothing waits for it, nothing returns)."""
-    tl.inline_asm_elementwise("prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

@@ -26,7 +26,7 @@ try:
     import triton.language as tl
 
     from .triton_common import await_inputs, next_power_of_2, pdl_options
-    from .triton_rotary import _rotate_heads
+    from .triton_rotary import _rotate_heads, _unit_stride
     _missing = None
 except ImportError as e:  # triton is optional: the caches then keep their torch update
     _missing = f"triton is not importable ({e})"
@@ -270,9 +270,7 @@ def rotary_decode_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: 
     h, hkv = q.shape[-1] // d, k.shape[-1] // d
     q_out = torch.empty((b, 1, h, d), dtype=q.dtype, device=q.device)
     k_out = torch.empty((b, 1, hkv, d), dtype=k.dtype, device=k.device).transpose(1, 2)
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    rotate = (q, k, cos.contiguous(), sin.contiguous(), q_out)
+    rotate = (_unit_stride(q), _unit_stride(k), cos.contiguous(), sin.contiguous(), q_out)
     if not write_decode_token(cache, layer, positions, k_out, v, rotate):
         return None
     return q_out.transpose(1, 2), k_out
